@@ -44,10 +44,11 @@ TRAIN_FLOP_PER_VIEW = 3.3e9  # ResNet-18 at 32 px with the CIFAR stem: ~0.56 GFL
 
 
 def settings(quick: bool, cuda: bool, workers: int) -> dict:
-    """How much to measure: the full setting is sized for a GPU, --quick for a few CPU cores."""
+    """How much to measure: the full setting is sized for a GPU (an augmentation repeat spans more than the 2 x 16
+    batches that 16 workers prepare ahead), --quick for a few CPU cores."""
     if quick:
-        return dict(batch=64, views=(2, 4), repeats=3, aug_batches=10, train_steps=1, warmup=1, extras=False, workers=workers)
-    return dict(batch=512, views=(2, 4, 8), repeats=5, aug_batches=50, train_steps=10, warmup=5, extras=cuda, workers=workers)
+        return dict(batch=64, views=(2, 4), repeats=3, aug_batches=30, train_steps=1, warmup=1, extras=False, workers=workers)
+    return dict(batch=512, views=(2, 4, 8), repeats=3, aug_batches=48, train_steps=24, warmup=3, extras=cuda, workers=workers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,10 +59,12 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def seconds_per_call(fn, device, warmup: int, repeats: int, calls: int) -> float:
-    """Median over `repeats` of the wall time of `calls` calls of fn, divided by `calls`, after `warmup` calls."""
+def seconds_per_call(fn, device, warmup: int, repeats: int, calls: int, drain=lambda: None) -> float:
+    """Median over `repeats` of the wall time of `calls` calls of fn, divided by `calls`, after `warmup` calls and
+    then `drain()`, which empties the DataLoader's queue so that the timed batches are made while timing."""
     for _ in range(warmup):
         fn()
+    drain()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -162,10 +165,10 @@ def training_step(images: torch.Tensor, views: int, batch: int, device: torch.de
     return step
 
 
-def measure_row(step: str, pipeline: str, views: int, batch: int, fn, device, warmup, repeats, calls) -> dict:
+def measure_row(step: str, pipeline: str, views: int, batch: int, fn, device, s: dict, calls: int, drain=lambda: None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    views_per_s = batch * views / seconds_per_call(fn, device, warmup, repeats, calls)
+    views_per_s = batch * views / seconds_per_call(fn, device, s["warmup"], s["repeats"], calls, drain)
     row = dict(step=step, pipeline=pipeline, views=views, batch=batch, views_per_s=views_per_s,
                epoch_s=EPOCH_IMAGES * views / views_per_s,
                tflops=TRAIN_FLOP_PER_VIEW * views_per_s / 1e12 if step != "augmentation" else None,
@@ -175,10 +178,9 @@ def measure_row(step: str, pipeline: str, views: int, batch: int, fn, device, wa
 
 
 def pair_rows(step: str, images, cpu_images, views, batch, device, s: dict, train: bool) -> list:
-    """The usual pipeline and ssl_min's for one step and V, the ssl_min row carrying the ratio."""
+    """The usual pipeline's row and ssl_min's, which carries the ratio, for one step and V. ssl_min is timed first,
+    before the DataLoader's workers exist (they start at the first batch asked for and end with this function)."""
     usual, backlog = loader_batches(cpu_images, views, batch, device, s["workers"])
-    for _ in range(backlog):  # start the workers and drain what they prepared meanwhile: then time the steady state
-        usual()
     ssl = ssl_min_batches(images, views, batch)
     if train:
         step_fn = training_step(images, views, batch, device)
@@ -186,10 +188,14 @@ def pair_rows(step: str, images, cpu_images, views, batch, device, s: dict, trai
         calls = s["train_steps"]
     else:
         ssl_fn, usual_fn, calls = ssl, usual, s["aug_batches"]
-    rows = [measure_row(step, f"usual ({s['workers']} workers)", views, batch, usual_fn, device, s["warmup"], s["repeats"], calls),
-            measure_row(step, "ssl_min", views, batch, ssl_fn, device, s["warmup"], s["repeats"], calls)]
-    rows[1]["ratio"] = rows[1]["views_per_s"] / rows[0]["views_per_s"]
-    return rows
+
+    def drain():  # the batches the workers prepared ahead during the warm-up
+        for _ in range(backlog):
+            usual()
+    ssl_row = measure_row(step, "ssl_min", views, batch, ssl_fn, device, s, calls)
+    usual_row = measure_row(step, f"usual ({s['workers']} workers)", views, batch, usual_fn, device, s, calls, drain)
+    ssl_row["ratio"] = ssl_row["views_per_s"] / usual_row["views_per_s"]
+    return [usual_row, ssl_row]
 
 
 def compiled_row(images, views, batch, device, s: dict, usual: dict, eager: dict) -> dict:
@@ -200,7 +206,7 @@ def compiled_row(images, views, batch, device, s: dict, usual: dict, eager: dict
     step_fn(ssl())
     sync(device)
     compile_s = time.perf_counter() - tic
-    row = measure_row("train", "ssl_min + torch.compile", views, batch, lambda: step_fn(ssl()), device, s["warmup"], s["repeats"], s["train_steps"])
+    row = measure_row("train", "ssl_min + torch.compile", views, batch, lambda: step_fn(ssl()), device, s, s["train_steps"])
     row.update(compile_s=compile_s, ratio=row["views_per_s"] / usual["views_per_s"], vs_eager=row["views_per_s"] / eager["views_per_s"])
     row["note"] = f"{row['vs_eager']:.2f}x eager ssl_min; first call (compile) {compile_s:.0f} s"
     return row

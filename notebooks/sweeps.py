@@ -1,0 +1,113 @@
+"""The pretraining sweeps behind notebooks 02 and 03, one ssl_min.main run per configuration.
+
+Each run's results (config, per-epoch log, probe and kNN accuracy, wall time, device) are saved as one small JSON
+file as soon as the run finishes, and a run whose file exists is skipped: a sweep resumes after an interruption,
+re-plotting is instant, and a sweep can be assembled from several short GPU sessions.
+
+    python notebooks/sweeps.py orthogonality full                    # CIFAR-10 (downloaded), about an hour on an H100
+    python notebooks/sweeps.py halved full
+    python notebooks/sweeps.py halved short --data-dir path/to/cifar10_subset   # fits a 15-minute GPU session
+
+Settings: `full` is the notebooks' experiment on all of CIFAR-10; `short` runs few epochs on a CIFAR-10 subset
+folder (the committed short results used the first 1,600 training and 500 test images per class, in sorted file
+order, on an NVIDIA H200); `smoke` is a tiny CPU run (SSL_MIN_SMOKE=1 in the notebooks) that checks the code and is
+never a result.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ssl_min  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CIFAR = Path(os.environ.get("SSL_MIN_CIFAR10", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
+SETTINGS = {
+    "full": dict(dataset="cifar10", batch_size=512),
+    "short": dict(batch_size=512),
+    "smoke": dict(batch_size=20, device="cpu"),
+}
+EPOCHS = {  # (orthogonality sweep, halved-data sweep)
+    "full": (50, 100),
+    "short": (5, 10),
+    "smoke": (1, 2),
+}
+FIXED_BETA = 0.0004  # the usual BarlowTwins setting for every d (the paper's "fixed" baseline)
+
+
+def orthogonality(setting: str):
+    """Projector width d with a fixed small beta and with beta = 5/d (the paper's Table 1 / Fig. 2)."""
+    dims = (32, 128) if setting == "smoke" else (64, 128, 256, 512, 1024, 2048)
+    epochs = EPOCHS[setting][0]
+    for d in dims:
+        for rule, beta in (("fixed", FIXED_BETA), ("5_over_d", 5 / d)):
+            yield f"d{d}_{rule}", ssl_min.Config(views=2, proj_dim=d, beta=beta, epochs=epochs, eval_every=0)
+
+
+def halved(setting: str):
+    """Views x fraction of the pretraining data (the paper's Fig. 5): does 4 views on 50% match 2 views on 100%?"""
+    epochs = EPOCHS[setting][1]
+    for views, fraction in ((2, 1.0), (4, 0.5), (2, 0.5), (8, 0.25)):
+        yield f"views{views}_data{round(100 * fraction)}", ssl_min.Config(
+            views=views, train_fraction=fraction, proj_dim=256, epochs=epochs, eval_every=max(1, epochs // 10))
+
+
+SWEEPS = {"orthogonality": orthogonality, "halved": halved}
+
+
+def results_dir(sweep: str, setting: str) -> Path:
+    """Where a sweep's results live: notebooks/results/<sweep>/<setting>/, or a temporary folder for smoke runs."""
+    if setting == "smoke":
+        return Path(tempfile.mkdtemp(prefix=f"ssl_min_{sweep}_smoke_"))
+    return RESULTS / sweep / setting
+
+
+def smoke_data(source: Path = CIFAR, train: int = 20, test: int = 10) -> str:
+    """A tiny class-balanced image folder of links to the real CIFAR-10 files, for smoke runs."""
+    if not (source / "train").is_dir():
+        raise FileNotFoundError(f"smoke runs need the CIFAR-10 image folder at {source} (or set SSL_MIN_CIFAR10)")
+    root = Path(tempfile.mkdtemp(prefix="ssl_min_smoke_data_"))
+    for split, n in (("train", train), ("test", test)):
+        for cls in sorted(p.name for p in (source / split).iterdir()):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((source / split / cls).iterdir())[:n]:
+                (root / split / cls / f.name).symlink_to(f)
+    return str(root)
+
+
+def run_sweep(sweep: str, setting: str, data_dir: str = "", folder: Path | None = None, run_missing: bool = True) -> dict:
+    """Run every configuration of the sweep that has no results file yet (or, with run_missing=False, only list
+    it); return the results that exist, by run name."""
+    folder = folder or results_dir(sweep, setting)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, cfg in SWEEPS[sweep](setting):
+        path = folder / f"{name}.json"
+        if not path.exists() and not run_missing:
+            print(f"--- {sweep}/{setting}/{name}: no results yet (not run here)")
+            continue
+        if not path.exists():
+            cfg = replace(cfg, **SETTINGS[setting], data_dir=data_dir, overwrite=True,
+                          out_dir=str(Path(tempfile.gettempdir()) / "ssl_min_runs" / sweep / setting / name))
+            print(f"--- {sweep}/{setting}/{name}", flush=True)
+            ssl_min.save_json(path, ssl_min.main(cfg))
+        results[name] = json.loads(path.read_text())
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", choices=SWEEPS)
+    parser.add_argument("setting", choices=SETTINGS)
+    parser.add_argument("--data-dir", default="", help="image folder (train/<class>/, test/<class>/); required for short")
+    args = parser.parse_args()
+    if args.setting != "full" and not args.data_dir:
+        parser.error(f"the {args.setting} setting needs --data-dir")
+    try:
+        run_sweep(args.sweep, args.setting, args.data_dir)
+    except ssl_min.UserError as e:
+        sys.exit(f"sweeps: {e}")
