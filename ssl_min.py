@@ -98,19 +98,15 @@ def resolve(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     try:
         kind = torch.device(device).type
     except RuntimeError:
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if kind not in ("cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
     if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s); use --device cpu")
     beta = cfg.beta if cfg.beta is not None else (5 / cfg.proj_dim if cfg.loss == "barlow" else 1 / (25 * cfg.proj_dim))
     name = Path(cfg.data_dir).name if cfg.data_dir else cfg.dataset
     out_dir = cfg.out_dir or f"runs/{name}-v{cfg.views}-d{cfg.proj_dim}-{cfg.loss}-s{cfg.seed}"
@@ -119,7 +115,6 @@ def resolve(cfg: Config) -> Config:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data: every split is one uint8 tensor [N, 3, H, W] on the device, so batches are slices, not a DataLoader.
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Data:
     pretrain: torch.Tensor  # the images SSL pretrains on (no labels used)
@@ -127,7 +122,6 @@ class Data:
     train_labels: torch.Tensor
     test: torch.Tensor
     test_labels: torch.Tensor
-    classes: list
 
 
 def read_image_folder(folder: Path):
@@ -186,7 +180,7 @@ def load_data(cfg: Config, device: torch.device) -> Data:
         root = Path(cfg.data_dir)
         if not root.is_dir():
             raise UserError(f"--data-dir {root} does not exist; give a folder with train/<class>/ and test/<class>/")
-        (train, train_y, classes), (test, test_y, test_classes) = read_image_folder(root / "train"), read_image_folder(root / "test")
+        (train, train_y, classes), (test, test_y, test_classes) = (read_image_folder(root / s) for s in ("train", "test"))
         unlabeled = None
         if test_classes != classes:
             raise UserError(f"--data-dir: train/ and test/ have different class folders ({classes} vs {test_classes})")
@@ -195,20 +189,18 @@ def load_data(cfg: Config, device: torch.device) -> Data:
     if cfg.subset:
         train, train_y = train[(i := class_balanced(train_y, cfg.seed, per_class=cfg.subset))], train_y[i]
         test, test_y = test[(i := class_balanced(test_y, cfg.seed, per_class=cfg.subset))], test_y[i]
-        if unlabeled is not None:
-            unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.subset * len(classes)]]
     if unlabeled is None:  # pretrain on the labeled training images, without their labels
         unlabeled = train[class_balanced(train_y, cfg.seed, fraction=cfg.train_fraction)]
-    elif cfg.train_fraction < 1:  # STL-10's unlabeled split has no classes to balance
-        unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=torch.Generator().manual_seed(cfg.seed))[: round(cfg.train_fraction * len(unlabeled))]]
+    else:  # STL-10's unlabeled split has no classes to balance: a seeded random part of it
+        keep = round(cfg.train_fraction * (cfg.subset * len(classes) if cfg.subset else len(unlabeled)))
+        unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=torch.Generator().manual_seed(cfg.seed))[:keep]]
     on = lambda t: t.contiguous().to(device)  # noqa: E731
-    return Data(on(unlabeled), on(train), on(train_y), on(test), on(test_y), list(classes))
+    return Data(on(unlabeled), on(train), on(train_y), on(test), on(test_y))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Multi-view augmentation: batched, every image and view draws its own parameters, on the device.
 # torchvision's v2 transforms draw one set of parameters per call, so on a batch every image would get the same crop.
-# ---------------------------------------------------------------------------------------------------------------
 def gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601, as torchvision
 
@@ -216,10 +208,11 @@ def gray(x: torch.Tensor) -> torch.Tensor:
 def hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Rotate the hue of images x [n, 3, H, W] in [0, 1] by h [n] turns, in HSV space as torchvision's adjust_hue."""
     r, g, b = x.unbind(1)
-    top, delta = x.amax(1), x.amax(1) - x.amin(1)  # HSV value, and value * saturation
-    d = delta.clamp_min(1e-8)
-    hue = torch.where(top == r, ((g - b) / d) % 6, torch.where(top == g, (b - r) / d + 2, (r - g) / d + 4))
-    hue = (hue + 6 * h.view(-1, 1, 1)) % 6  # in sixths of a turn
+    top, bottom = x.aminmax(dim=1)[::-1]
+    delta = top - bottom  # HSV value * saturation
+    # Hue in sixths of a turn: which channel is the largest picks the sector, the other two the place in it.
+    sector = torch.where(top == r, g - b, torch.where(top == g, b - r + 2 * delta, r - g + 4 * delta))
+    hue = sector / delta.clamp_min(1e-8) + 6 * h.view(-1, 1, 1)
     k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1)) % 6
     return top.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)  # HSV -> RGB
 
@@ -248,8 +241,9 @@ def augment(images: torch.Tensor, views: int, generator: torch.Generator, size: 
     jitter = u() < 0.8
     b, c, s = (torch.where(jitter, u(0.6, 1.4), 1.0).view(-1, 1, 1, 1) for _ in range(3))
     x = (x * b).clamp(0, 1)
-    x = ((x - gray(x).mean((2, 3), keepdim=True)) * c + gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
-    x = ((x - gray(x)) * s + gray(x)).clamp(0, 1)
+    mean = gray(x).mean((2, 3), keepdim=True)
+    x = ((x - mean) * c + mean).clamp(0, 1)
+    x = ((x - (y := gray(x))) * s + y).clamp(0, 1)
     x = hue_shift(x, torch.where(jitter, u(-0.1, 0.1), 0.0))
     x = torch.where((u() < p_gray).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
     return x.view(views, B, 3, size, size)
@@ -262,7 +256,6 @@ def aug_recipe(cfg: Config) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backbone and projector
-# ---------------------------------------------------------------------------------------------------------------
 class ResNet18(nn.Module):
     """ResNet-18 with the CIFAR stem (3x3 convolution, stride 1, no max-pool); 512-d features after average pooling."""
 
@@ -286,7 +279,6 @@ def projector(d: int) -> nn.Sequential:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The reformulated loss (Eq. 9-10), for any number of views
-# ---------------------------------------------------------------------------------------------------------------
 def ssl_loss(z: torch.Tensor, beta: float, loss: str = "barlow"):
     """The multi-view SSL loss of embeddings z [V, B, d]; returns (total, invariance, orthogonality).
 
@@ -333,8 +325,168 @@ def effective_rank(z: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation: frozen features of clean images, a kNN classifier and the linear probe
+# Training
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary, where a consistent checkpoint can be written."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, lambda *_: setattr(self, "requested", True))
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def write_atomic(path: Path, write):
+    """Write through a temporary file and a rename, so a crash or a full disk never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({e}); the previous version is kept", code=1) from None
+
+
+def save_json(path: Path, obj):
+    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def open_run(cfg: Config):
+    """The checkpoint to resume from (or None), after refusing to touch a finished, different or corrupt run."""
+    out = Path(cfg.out_dir)
+    if cfg.overwrite:
+        return None
+    if (out / "results.json").exists():
+        raise UserError(f"{out} already holds a finished run (results.json); pass --overwrite to replace it, "
+                        f"or another --out-dir")
+    if not (out / "checkpoint.pt").exists():
+        if (out / "log.jsonl").exists():
+            raise UserError(f"{out} holds the log of another run but no checkpoint; pass --overwrite or another --out-dir")
+        return None
+    try:
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        saved = state["config"]
+    except Exception as e:  # a truncated or foreign file: say so and leave it alone
+        raise UserError(f"cannot read {out / 'checkpoint.pt'} ({type(e).__name__}); it is left as is: "
+                        f"pass --overwrite or another --out-dir") from None
+    differ = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+    if differ:
+        what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} vs {getattr(cfg, k)}" for k in differ)
+        raise UserError(f"{out} holds a run with another configuration ({what}); pass --overwrite or another --out-dir")
+    if state["epoch"] > cfg.epochs:
+        raise UserError(f"{out} has already trained {state['epoch']} epochs, more than --epochs {cfg.epochs}")
+    return state
+
+
+@dataclass
+class Run:
+    """Everything a checkpoint holds. perm, hist and step locate a run stopped inside an epoch."""
+    cfg: Config
+    backbone: nn.Module
+    projector: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    log: list
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed in the current epoch
+    perm: torch.Tensor | None = None  # the current epoch's order of images
+    hist: torch.Tensor | None = None  # the current epoch's [steps, 3] losses so far
+
+    def save(self):
+        state = dict(config=asdict(self.cfg), epoch=self.epoch, step=self.step, log=self.log, perm=self.perm, hist=self.hist,
+                     backbone=self.backbone.state_dict(), projector=self.projector.state_dict(),
+                     optimizer=self.optimizer.state_dict(), rng=self.generator.get_state())
+        write_atomic(Path(self.cfg.out_dir) / "checkpoint.pt", lambda p: torch.save(state, p))
+
+    def load(self, state: dict):
+        self.backbone.load_state_dict(state["backbone"])
+        self.projector.load_state_dict(state["projector"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["rng"])
+        self.log, self.epoch, self.step = state["log"], state["epoch"], state["step"]
+        self.perm, self.hist = (t.to(self.generator.device) if t is not None else None for t in (state["perm"], state["hist"]))
+
+
+def new_run(cfg: Config, data: Data, device: torch.device) -> Run:
+    torch.manual_seed(cfg.seed)
+    pixels = data.pretrain[:: max(1, len(data.pretrain) // 4096)].float() / 255  # a spread sample, for the statistics
+    backbone = ResNet18(pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))).to(device)
+    proj = projector(cfg.proj_dim).to(device)
+    if device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.Adam([*backbone.parameters(), *proj.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return Run(cfg, backbone, proj, optimizer, torch.Generator(device).manual_seed(cfg.seed), log=[])
+
+
+def check_finite(run: Run, upto: int):
+    """Called every 10 steps (one device sync), so a diverged run stops within 10 steps of the first bad one."""
+    bad = (~torch.isfinite(run.hist[:upto, 0])).nonzero()
+    if len(bad):
+        raise UserError(f"the loss became non-finite at epoch {run.epoch + 1}, step {bad[0].item() + 1}: lower --beta "
+                        f"({run.cfg.beta:g}) or --lr ({run.cfg.lr:g}); the last good checkpoint is kept in "
+                        f"{run.cfg.out_dir}", code=1)
+
+
+def pretrain(run: Run, data: Data):
+    """The training loop: batches of V views of B images, the loss, Adam; a log line and a checkpoint per epoch."""
+    cfg, device, out = run.cfg, data.pretrain.device, Path(run.cfg.out_dir)
+    V, B, d, recipe = cfg.views, cfg.batch_size, cfg.proj_dim, aug_recipe(cfg)
+    model = nn.Sequential(run.backbone, run.projector)
+    forward = torch.compile(model) if cfg.compile else model
+    steps = len(data.pretrain) // B  # full batches only: the loss standardizes over the batch
+    with StopRequest() as stop:
+        while run.epoch < cfg.epochs:
+            if run.perm is None:
+                run.perm = torch.randperm(len(data.pretrain), generator=run.generator, device=device)
+                run.hist, run.step = torch.zeros(steps, 3, device=device), 0
+            first, tic = run.step, time.time()
+            for run.step in range(first, steps):
+                if stop.requested:
+                    check_finite(run, run.step)
+                    run.save()
+                    raise UserError(f"interrupted at epoch {run.epoch + 1}, step {run.step}; checkpoint saved in "
+                                    f"{out}: rerun the same command to resume", code=130)
+                images = data.pretrain[run.perm[run.step * B:(run.step + 1) * B]]
+                x = augment(images, V, run.generator, **recipe).flatten(0, 1)  # view-major: [V * B, 3, H, W]
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device):
+                    z = forward(x).view(V, B, d)
+                loss, invariance, orthogonality = ssl_loss(z, cfg.beta, cfg.loss)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+                run.hist[run.step] = torch.stack([loss, invariance, orthogonality]).detach()
+                if run.step % 10 == 9:
+                    check_finite(run, run.step + 1)
+            check_finite(run, steps)
+            seconds, mean = time.time() - tic, run.hist.mean(0).tolist()
+            entry = dict(epoch=run.epoch + 1, loss=mean[0], invariance=mean[1], orthogonality=mean[2],
+                         erank=effective_rank(z[0].detach()), views_per_s=(steps - first) * B * V / seconds, time_s=seconds)
+            if run.epoch + 1 == cfg.epochs or (cfg.eval_every and (run.epoch + 1) % cfg.eval_every == 0):
+                entry["knn_acc"] = knn_accuracy(features(run.backbone, data.train), data.train_labels,
+                                                features(run.backbone, data.test), data.test_labels)
+            run.log.append(entry)
+            print(f"epoch {entry['epoch']:3d}/{cfg.epochs}  loss {mean[0]:9.3f} (invariance {mean[1]:8.3f}, "
+                  f"orthogonality {mean[2]:8.3f})  erank {entry['erank']:6.1f}  {entry['views_per_s']:8,.0f} views/s"
+                  f"  {seconds:6.1f} s" + (f"  kNN {entry['knn_acc']:.2%}" if "knn_acc" in entry else ""), flush=True)
+            run.epoch, run.step, run.perm, run.hist = run.epoch + 1, 0, None, None
+            run.save()
+            write_atomic(out / "log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in run.log)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
+# Evaluation: frozen features of clean images, a kNN classifier and the linear probe
 @torch.no_grad()
 def features(backbone: nn.Module, images: torch.Tensor, views: int = 1, generator=None, recipe=None) -> torch.Tensor:
     """Backbone features of uint8 images, averaged over 1 clean + (views - 1) augmented views."""
@@ -384,162 +536,37 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs: int = 200, batch_size
         return (clf(test_f).argmax(1) == test_y).float().mean().item()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------------
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-class StopRequest:
-    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary, where a consistent checkpoint can be written."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, lambda *_: setattr(self, "requested", True))
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def write_atomic(path: Path, write):
-    """Write through a temporary file and a rename, so a crash or a full disk never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({e}); the previous version is kept", code=1) from None
-
-
-def save_json(path: Path, obj):
-    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-def open_run(cfg: Config):
-    """The checkpoint to resume from (or None), after refusing to touch a finished, different or corrupt run."""
-    out = Path(cfg.out_dir)
-    files = [out / n for n in ("results.json", "checkpoint.pt", "log.jsonl", "config.json")]
-    if cfg.overwrite:
-        return None
-    if files[0].exists():
-        raise UserError(f"{out} already holds a finished run (results.json); pass --overwrite to replace it, or another --out-dir")
-    if not files[1].exists():
-        if any(f.exists() for f in files[2:]):
-            raise UserError(f"{out} holds files of another run but no checkpoint; pass --overwrite or another --out-dir")
-        return None
-    try:
-        state = torch.load(files[1], map_location="cpu", weights_only=True)
-        saved = state["config"]
-    except Exception as e:  # a truncated or foreign file: say so and leave it alone
-        raise UserError(f"cannot read {files[1]} ({type(e).__name__}); it is left as is: pass --overwrite or another --out-dir") from None
-    differ = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
-    if differ:
-        what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} vs {getattr(cfg, k)}" for k in differ)
-        raise UserError(f"{out} holds a run with another configuration ({what}); pass --overwrite or another --out-dir")
-    if state["epoch"] > cfg.epochs:
-        raise UserError(f"{out} has already trained {state['epoch']} epochs, more than --epochs {cfg.epochs}")
-    return state
-
-
 def main(cfg: Config) -> dict:
     """Pretrain, evaluate, and return the results dict (also written to out_dir/results.json)."""
     start, cfg = time.time(), resolve(cfg)
     device, out = torch.device(cfg.device), Path(cfg.out_dir)
-    torch.manual_seed(cfg.seed)
     data = load_data(cfg, device)
     if cfg.batch_size > len(data.pretrain):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data.pretrain)} pretraining images; lower it or use more data")
-    state = open_run(cfg)
-    V, B, d, recipe = cfg.views, cfg.batch_size, cfg.proj_dim, aug_recipe(cfg)
-    pixels = data.pretrain[:: max(1, len(data.pretrain) // 4096)].float() / 255  # a spread sample, for the statistics
-    backbone = ResNet18(pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))).to(device)
-    proj = projector(d).to(device)
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.Adam([*backbone.parameters(), *proj.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    log, epoch, step0, perm, hist = [], 0, 0, None, None
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data.pretrain)} pretraining images; "
+                        f"lower it or use more data")
+    state, run = open_run(cfg), new_run(cfg, data, device)
     if state:
-        backbone.load_state_dict(state["backbone"]), proj.load_state_dict(state["projector"])
-        optimizer.load_state_dict(state["optimizer"]), generator.set_state(state["rng"])
-        log, epoch, step0 = state["log"], state["epoch"], state["step"]
-        if state["perm"] is not None:  # stopped inside an epoch: finish it with the same batches
-            perm, hist = state["perm"].to(device), state["hist"].to(device)
-        print(f"resuming {out} at epoch {epoch + 1}, step {step0}")
+        run.load(state)
+        print(f"resuming {out} at epoch {run.epoch + 1}, step {run.step}")
     else:
         for stale in ("results.json", "checkpoint.pt", "log.jsonl"):
             (out / stale).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "config.json", asdict(cfg))
-    model = nn.Sequential(backbone, proj)
-    step_fn = torch.compile(model) if cfg.compile else model
+    print(f"pretraining on {len(data.pretrain)} images, {cfg.views} views, d = {cfg.proj_dim}, beta = {cfg.beta:g}, "
+          f"{cfg.loss}, on {device}")
+    pretrain(run, data)
 
-    def checkpoint(epoch, step, perm, hist):
-        ckpt = dict(config=asdict(cfg), epoch=epoch, step=step, perm=perm, hist=hist, backbone=backbone.state_dict(),
-                    projector=proj.state_dict(), optimizer=optimizer.state_dict(), rng=generator.get_state(), log=log)
-        write_atomic(out / "checkpoint.pt", lambda p: torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt.items()}, p))
-
-    def check_finite(epoch, hist, upto):
-        bad = (~torch.isfinite(hist[:upto, 0])).nonzero()
-        if len(bad):
-            raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {bad[0].item() + 1}: lower --beta "
-                            f"({cfg.beta:g}) or --lr ({cfg.lr:g}); the last good checkpoint is kept in {out}", code=1)
-
-    print(f"pretraining on {len(data.pretrain)} images, {V} views, d = {d}, beta = {cfg.beta:g}, {cfg.loss}, on {device}")
-    steps = len(data.pretrain) // B  # full batches only: the loss standardizes over the batch
-    with StopRequest() as stop:
-        while epoch < cfg.epochs:
-            if perm is None:
-                perm, hist, step0 = torch.randperm(len(data.pretrain), generator=generator, device=device), torch.zeros(steps, 3, device=device), 0
-            tic = time.time()
-            for step in range(step0, steps):
-                if stop.requested:
-                    check_finite(epoch, hist, step)
-                    checkpoint(epoch, step, perm, hist)
-                    raise UserError(f"interrupted at epoch {epoch + 1}, step {step}; checkpoint saved in {out}: rerun the same command to resume", code=130)
-                x = augment(data.pretrain[perm[step * B:(step + 1) * B]], V, generator, **recipe).flatten(0, 1)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device):
-                    z = step_fn(x).view(V, B, d)
-                loss, invariance, orthogonality = ssl_loss(z, cfg.beta, cfg.loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                hist[step] = torch.stack([loss, invariance, orthogonality]).detach()
-                if step % 10 == 9:  # a device sync every 10 steps, not every step
-                    check_finite(epoch, hist, step + 1)
-            check_finite(epoch, hist, steps)
-            seconds = time.time() - tic
-            mean = hist.mean(0).tolist()
-            entry = dict(epoch=epoch + 1, loss=mean[0], invariance=mean[1], orthogonality=mean[2],
-                         erank=effective_rank(z[0].detach()), views_per_s=(steps - step0) * B * V / seconds, time_s=seconds)
-            if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                entry["knn_acc"] = knn_accuracy(features(backbone, data.train), data.train_labels, features(backbone, data.test), data.test_labels)
-            log.append(entry)
-            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean[0]:9.3f} (invariance {mean[1]:8.3f}, orthogonality {mean[2]:8.3f})  "
-                  f"erank {entry['erank']:6.1f}  {entry['views_per_s']:8,.0f} views/s  {seconds:6.1f} s"
-                  + (f"  kNN {entry['knn_acc']:.2%}" if "knn_acc" in entry else ""), flush=True)
-            epoch, perm = epoch + 1, None
-            checkpoint(epoch, 0, None, None)
-            write_atomic(out / "log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in log)))
-    pretrain_s, tic = sum(e["time_s"] for e in log), time.time()
-    probe_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    train_f = features(backbone, data.train, cfg.probe_views, probe_gen, recipe)
-    test_f = features(backbone, data.test, cfg.probe_views, probe_gen, recipe)
+    tic, generator = time.time(), torch.Generator(device).manual_seed(cfg.seed + 1)
+    train_f, test_f = (features(run.backbone, images, cfg.probe_views, generator, aug_recipe(cfg)) for images in (data.train, data.test))
     probe_acc = linear_probe(train_f, data.train_labels, test_f, data.test_labels, seed=cfg.seed)
-    results = dict(probe_acc=probe_acc, knn_acc=log[-1]["knn_acc"], epochs=cfg.epochs, pretrain_time_s=pretrain_s,
-                   probe_time_s=time.time() - tic, wall_time_s=time.time() - start,
-                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    results = dict(probe_acc=probe_acc, knn_acc=run.log[-1]["knn_acc"], epochs=cfg.epochs,
+                   pretrain_time_s=sum(e["time_s"] for e in run.log), probe_time_s=time.time() - tic,
+                   wall_time_s=time.time() - start, device=device_name,
                    versions=dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__),
-                   config=asdict(cfg), log=log)
+                   config=asdict(cfg), log=run.log)
     save_json(out / "results.json", results)
     print(f"linear probe: {probe_acc:.2%} test top-1 (kNN {results['knn_acc']:.2%}); results in {out}")
     return results

@@ -20,7 +20,6 @@ import ssl_min
 
 REPO = Path(__file__).resolve().parent
 CIFAR = Path(os.environ.get("SSL_MIN_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
-needs_cifar = pytest.mark.skipif(not (CIFAR / "train").is_dir(), reason=f"real CIFAR-10 image folder not found at {CIFAR}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,14 +416,20 @@ def comparable(log):
     return [{k: v for k, v in e.items() if k not in ("views_per_s", "time_s")} for e in log]
 
 
-@needs_cifar
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(cifar_small, tmp_path, sig):
-    args = ["--data-dir", cifar_small, "--subset", "30", "--views", "2", "--proj-dim", "32", "--batch-size", "30",
-            "--epochs", "2", "--eval-every", "1"]
-    straight = run(*args, "--out-dir", tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
-    out = tmp_path / "interrupted"
+RESUME_ARGS = ["--subset", "20", "--views", "2", "--proj-dim", "32", "--batch-size", "20", "--epochs", "2", "--eval-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run("--data-dir", cifar_small, *RESUME_ARGS, "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(uninterrupted, cifar_small, tmp_path, sig):
+    args, out = ["--data-dir", cifar_small, *RESUME_ARGS], tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, str(REPO / "ssl_min.py"), *map(str, args), "--out-dir", str(out)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (out / "log.jsonl").exists() and process.poll() is None:  # let epoch 1 finish, stop inside epoch 2
@@ -435,12 +440,12 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(cifar_small
     assert not (out / "results.json").exists()
     resumed = run(*args, "--out-dir", out)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
-    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "straight", out))
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (uninterrupted, out))
     for part in ("backbone", "projector"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert torch.equal(a["rng"], b["rng"])
     assert comparable(a["log"]) == comparable(b["log"])
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "straight", out))
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (uninterrupted, out))
     assert ra["probe_acc"] == rb["probe_acc"] and comparable(ra["log"]) == comparable(rb["log"])
 
 
@@ -449,3 +454,23 @@ def test_overwrite_replaces_a_finished_run(cifar_small, tmp_path):
     second = ssl_min.main(tiny(cifar_small, tmp_path / "out", epochs=1, beta=0.5, overwrite=True))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["config"]["beta"] == 0.5 and second["log"][0]["loss"] != first["log"][0]["loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notebooks, executed in smoke mode
+# ---------------------------------------------------------------------------------------------------------------
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes_in_smoke_mode(path, monkeypatch):
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    if not path.name.startswith("01_") and not (CIFAR / "train").is_dir():
+        pytest.skip(f"smoke runs need the real CIFAR-10 image folder at {CIFAR}")
+    monkeypatch.setenv("SSL_MIN_SMOKE", "1")
+    monkeypatch.setenv("SSL_MIN_CIFAR10", str(CIFAR))
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()  # raises on any error
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert path.name.startswith("01_") or "smoke" in text.lower()  # experiment notebooks say they ran smoke runs

@@ -1,7 +1,7 @@
 """Throughput of ssl_min's batched on-device augmentation versus the usual per-sample DataLoader pipeline.
 
-    python benchmarks/throughput.py                                   # GPU: the full table (about 5 minutes)
-    python benchmarks/throughput.py --quick                           # CPU: a small setting, about 3 minutes
+    python benchmarks/throughput.py                                   # GPU: the full table (about 3 minutes on an H200)
+    python benchmarks/throughput.py --quick                           # CPU: a small setting (under 2 minutes on 2 idle cores)
     python benchmarks/throughput.py --data-dir path/to/cifar10 --markdown --json throughput.json
 
 Every row runs in this process on the same device (cuda if available, else cpu) and reports the median of several
@@ -12,8 +12,8 @@ images of 32 px, view-major, on the device:
 - usual: a CIFAR-10-style Dataset (uint8 HWC numpy images, PIL per sample, as torchvision.datasets.CIFAR10) with
   per-sample torchvision transforms (RandomResizedCrop, flip, ColorJitter with p 0.8, grayscale with p 0.2,
   ToTensor, Normalize; the classic transforms on PIL, which are faster here than transforms.v2), called V times per
-  image, in a DataLoader with os.cpu_count() persistent workers (pinned memory on CUDA), followed by the copy to
-  the device. This is how solo-learn and lightly feed multi-view SSL.
+  image, in a DataLoader with os.cpu_count() persistent workers (--workers; pinned memory on CUDA), followed by the
+  copy to the device. This is how solo-learn and lightly feed multi-view SSL.
 
 Rows: augmentation alone; a full training step (augmentation + ResNet-18 + projector forward and backward in bf16
 autocast + Adam, as ssl_min.main) fed by either pipeline; on CUDA also that step under torch.compile, and the

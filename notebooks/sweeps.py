@@ -37,6 +37,12 @@ EPOCHS = {  # (orthogonality sweep, halved-data sweep)
     "smoke": (1, 2),
 }
 FIXED_BETA = 0.0004  # the usual BarlowTwins setting for every d (the paper's "fixed" baseline)
+DATA = {  # what each setting's data is (a results file records only the data folder's path)
+    "full": "CIFAR-10 (50,000 training and 10,000 test images), downloaded by torchvision or the folder in data_dir",
+    "short": "a CIFAR-10 subset image folder, smoke_data(train=1600, test=500): the first 1,600 training images per "
+             "class in sorted file order (16,000) and the first 500 test images per class (5,000)",
+    "smoke": "smoke_data(): the first 8 training and 5 test images per class of the CIFAR-10 image folder (80 and 50)",
+}
 
 
 def orthogonality(setting: str):
@@ -66,7 +72,7 @@ def results_dir(sweep: str, setting: str) -> Path:
     return RESULTS / sweep / setting
 
 
-def smoke_data(source: Path = CIFAR, train: int = 20, test: int = 10) -> str:
+def smoke_data(source: Path = CIFAR, train: int = 8, test: int = 5) -> str:
     """A tiny class-balanced image folder of links to the real CIFAR-10 files, for smoke runs."""
     if not (source / "train").is_dir():
         raise FileNotFoundError(f"smoke runs need the CIFAR-10 image folder at {source} (or set SSL_MIN_CIFAR10)")
@@ -79,11 +85,48 @@ def smoke_data(source: Path = CIFAR, train: int = 20, test: int = 10) -> str:
     return str(root)
 
 
+def describe(sweep: str, setting: str, results: dict, folder: Path) -> str:
+    """What produced a sweep's results, from the results files themselves: the setting, how many of the planned runs
+    have results, the devices, library versions, data and epochs. Smoke runs say loudly that they are no findings."""
+    planned = [name for name, _ in SWEEPS[sweep](setting)]
+    missing = [name for name in planned if name not in results]
+    lines = []
+    if setting == "smoke":
+        bar = "!" * 100
+        lines += [bar, "SMOKE RUNS: a few CPU steps on 80 images that only check that the code runs.",
+                  "Every number and plot below is meaningless as a result. These are NOT findings.", bar]
+    shown = folder.relative_to(RESULTS.parents[1]) if folder.is_relative_to(RESULTS.parents[1]) else folder
+    lines.append(f"{sweep} sweep, setting {setting!r}: {len(results)} of {len(planned)} runs have results in {shown}")
+    if missing:
+        how = "in this notebook on a GPU" if setting != "smoke" else "here"
+        lines.append(f"missing ({len(missing)}): {', '.join(missing)}; run them {how} or with "
+                     f"`python notebooks/sweeps.py {sweep} {setting}" + (" --data-dir DIR`" if setting != "full" else "`"))
+    if not results:
+        lines.append("No results exist yet: there is nothing to plot.")
+        return "\n".join(lines)
+
+    def count(key):  # the value all runs share, or each value with its number of runs
+        values = [key(r) for r in results.values()]
+        distinct = sorted(set(values), key=str)
+        runs = lambda v: f"{values.count(v)} run" + "s" * (values.count(v) > 1)  # noqa: E731
+        return str(distinct[0]) if len(distinct) == 1 else ", ".join(f"{v} ({runs(v)})" for v in distinct)
+
+    lines += [
+        f"device: {count(lambda r: r['device'])}; torch {count(lambda r: r['versions']['torch'])}",
+        f"data: {DATA[setting]}",
+        f"  config: data_dir {count(lambda r: r['config']['data_dir'] or r['config']['dataset'] + ' (torchvision download)')}; "
+        f"subset {count(lambda r: r['config']['subset'])} (0 = every image); "
+        f"train_fraction (share of the training images pretrained on) {count(lambda r: r['config']['train_fraction'])}",
+        f"pretraining: {count(lambda r: r['epochs'])} epochs, batch {count(lambda r: r['config']['batch_size'])} images, "
+        f"seed {count(lambda r: r['config']['seed'])}, ResNet-18, Adam lr {count(lambda r: r['config']['lr'])}",
+    ]
+    return "\n".join(lines)
+
+
 def run_sweep(sweep: str, setting: str, data_dir: str = "", folder: Path | None = None, run_missing: bool = True) -> dict:
     """Run every configuration of the sweep that has no results file yet (or, with run_missing=False, only list
     it); return the results that exist, by run name."""
     folder = folder or results_dir(sweep, setting)
-    folder.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, cfg in SWEEPS[sweep](setting):
         path = folder / f"{name}.json"
@@ -94,6 +137,7 @@ def run_sweep(sweep: str, setting: str, data_dir: str = "", folder: Path | None 
             cfg = replace(cfg, **SETTINGS[setting], data_dir=data_dir, overwrite=True,
                           out_dir=str(Path(tempfile.gettempdir()) / "ssl_min_runs" / sweep / setting / name))
             print(f"--- {sweep}/{setting}/{name}", flush=True)
+            folder.mkdir(parents=True, exist_ok=True)
             ssl_min.save_json(path, ssl_min.main(cfg))
         results[name] = json.loads(path.read_text())
     return results
