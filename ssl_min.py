@@ -61,7 +61,7 @@ class Config:
     seed: int = opt(0, "seed for the initialization, the subsets, the batches and the augmentations")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     out_dir: str = opt("", "where config.json, log.jsonl, results.json and checkpoint.pt go (default runs/<dataset>-v<views>-d<d>-<loss>-s<seed>)")
-    compile: bool = opt(False, "torch.compile the training step (pays off on a GPU for runs longer than a few epochs)")
+    compile: bool = opt(False, "torch.compile the training step (18 s once, then 1.3x faster on an H200: pays off after ~25 epochs)")
     overwrite: bool = opt(False, "replace a finished or different run in --out-dir instead of refusing")
 
 
@@ -578,9 +578,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def cli(argv=None):
-    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0])
     for f in fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"] + ("" if f.default in ("", None, False) else " (default: %(default)s)")
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=help)
         else:

@@ -196,6 +196,17 @@ def test_linear_probe_and_knn_separate_clustered_features():
     assert ssl_min.linear_probe(train_f, shuffled, test_f, test_y, epochs=50) < 0.5  # no signal, no accuracy
 
 
+def test_multiview_probe_features_average_one_clean_and_augmented_views():
+    backbone = ssl_min.ResNet18(torch.full((3,), 0.5), torch.full((3,), 0.25)).eval()
+    images, seeded = colourful(4), lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    clean, three = ssl_min.features(backbone, images), ssl_min.features(backbone, images, 3, seeded())
+    views = ssl_min.augment(images, 2, seeded())
+    with torch.no_grad():
+        by_hand = (backbone(images.float() / 255) + backbone(views[0]) + backbone(views[1])) / 3
+    assert three.shape == clean.shape == (4, 512) and not torch.allclose(three, clean)
+    assert torch.allclose(three, by_hand, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line, end to end on real CIFAR-10 images, and its robustness
 # ---------------------------------------------------------------------------------------------------------------
