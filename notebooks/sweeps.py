@@ -108,17 +108,21 @@ def describe(sweep: str, setting: str, results: dict, folder: Path) -> str:
     def count(key):  # the value all runs share, or each value with its number of runs
         values = [key(r) for r in results.values()]
         distinct = sorted(set(values), key=str)
-        runs = lambda v: f"{values.count(v)} run" + "s" * (values.count(v) > 1)  # noqa: E731
-        return str(distinct[0]) if len(distinct) == 1 else ", ".join(f"{v} ({runs(v)})" for v in distinct)
+        if len(distinct) == 1:
+            return str(distinct[0])
+        return ", ".join(f"{v} ({values.count(v)} run{'s' * (values.count(v) > 1)})" for v in distinct)
 
+    def config(key):
+        return count(lambda r: r["config"][key])
+
+    data_dir = count(lambda r: r["config"]["data_dir"] or r["config"]["dataset"] + " (torchvision download)")
     lines += [
         f"device: {count(lambda r: r['device'])}; torch {count(lambda r: r['versions']['torch'])}",
         f"data: {DATA[setting]}",
-        f"  config: data_dir {count(lambda r: r['config']['data_dir'] or r['config']['dataset'] + ' (torchvision download)')}; "
-        f"subset {count(lambda r: r['config']['subset'])} (0 = every image); "
-        f"train_fraction (share of the training images pretrained on) {count(lambda r: r['config']['train_fraction'])}",
-        f"pretraining: {count(lambda r: r['epochs'])} epochs, batch {count(lambda r: r['config']['batch_size'])} images, "
-        f"seed {count(lambda r: r['config']['seed'])}, ResNet-18, Adam lr {count(lambda r: r['config']['lr'])}",
+        (f"  config: data_dir {data_dir}; subset {config('subset')} (0 = every image); "
+         f"train_fraction (share of the training images pretrained on) {config('train_fraction')}"),
+        (f"pretraining: {count(lambda r: r['epochs'])} epochs, batch {config('batch_size')} images, "
+         f"seed {config('seed')}, ResNet-18, Adam lr {config('lr')}"),
     ]
     return "\n".join(lines)
 
