@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import threading
@@ -94,18 +95,13 @@ def resolve(cfg: Config) -> Config:
         (cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
         (0 < cfg.lr < math.inf, f"--lr must be a finite number > 0, got {cfg.lr}"),
         (0 <= cfg.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if kind not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s); use --device cpu")
     beta = cfg.beta if cfg.beta is not None else (5 / cfg.proj_dim if cfg.loss == "barlow" else 1 / (25 * cfg.proj_dim))
     name = Path(cfg.data_dir).name if cfg.data_dir else cfg.dataset
@@ -113,8 +109,7 @@ def resolve(cfg: Config) -> Config:
     return replace(cfg, device=device, beta=beta, out_dir=out_dir)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data: every split is one uint8 tensor [N, 3, H, W] on the device, so batches are slices, not a DataLoader.
+# --- Data: every split is one uint8 tensor [N, 3, H, W] on the device, so batches are slices, not a DataLoader. ------
 @dataclass
 class Data:
     pretrain: torch.Tensor  # the images SSL pretrains on (no labels used)
@@ -198,8 +193,7 @@ def load_data(cfg: Config, device: torch.device) -> Data:
     return Data(on(unlabeled), on(train), on(train_y), on(test), on(test_y))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Multi-view augmentation: batched, every image and view draws its own parameters, on the device.
+# --- Multi-view augmentation: batched, every image and view draws its own parameters, on the device. -----------------
 # torchvision's v2 transforms draw one set of parameters per call, so on a batch every image would get the same crop.
 def gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601, as torchvision
@@ -254,8 +248,7 @@ def aug_recipe(cfg: Config) -> dict:
     return dict(size=64, scale=(0.2, 1.0), p_gray=0.1) if cfg.dataset == "stl10" and not cfg.data_dir else {}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Backbone and projector
+# --- Backbone and projector ------------------------------------------------------------------------------------------
 class ResNet18(nn.Module):
     """ResNet-18 with the CIFAR stem (3x3 convolution, stride 1, no max-pool); 512-d features after average pooling."""
 
@@ -277,8 +270,7 @@ def projector(d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(512, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, d, bias=False))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The reformulated loss (Eq. 9-10), for any number of views
+# --- The reformulated loss (Eq. 9-10), for any number of views -------------------------------------------------------
 def ssl_loss(z: torch.Tensor, beta: float, loss: str = "barlow"):
     """The multi-view SSL loss of embeddings z [V, B, d]; returns (total, invariance, orthogonality).
 
@@ -324,8 +316,7 @@ def effective_rank(z: torch.Tensor) -> float:
     return math.exp(-(p * p.log()).sum().item())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training
+# --- Training --------------------------------------------------------------------------------------------------------
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -364,6 +355,8 @@ def open_run(cfg: Config):
     """The checkpoint to resume from (or None), after refusing to touch a finished, different or corrupt run."""
     out = Path(cfg.out_dir)
     if cfg.overwrite:
+        for stale in ("results.json", "checkpoint.pt", "log.jsonl"):
+            (out / stale).unlink(missing_ok=True)
         return None
     if (out / "results.json").exists():
         raise UserError(f"{out} already holds a finished run (results.json); pass --overwrite to replace it, "
@@ -389,7 +382,7 @@ def open_run(cfg: Config):
 
 @dataclass
 class Run:
-    """Everything a checkpoint holds. perm, hist and step locate a run stopped inside an epoch."""
+    """Everything a checkpoint holds, and the network to call. perm, hist and step locate a run stopped inside an epoch."""
     cfg: Config
     backbone: nn.Module
     projector: nn.Module
@@ -400,6 +393,7 @@ class Run:
     step: int = 0  # steps completed in the current epoch
     perm: torch.Tensor | None = None  # the current epoch's order of images
     hist: torch.Tensor | None = None  # the current epoch's [steps, 3] losses so far
+    forward: nn.Module | None = None  # backbone then projector, compiled with --compile (not saved: the weights are)
 
     def save(self):
         state = dict(config=asdict(self.cfg), epoch=self.epoch, step=self.step, log=self.log, perm=self.perm, hist=self.hist,
@@ -416,16 +410,24 @@ class Run:
         self.perm, self.hist = (t.to(self.generator.device) if t is not None else None for t in (state["perm"], state["hist"]))
 
 
-def new_run(cfg: Config, data: Data, device: torch.device) -> Run:
+def pixel_stats(images: torch.Tensor):
+    """Per-channel mean and std of uint8 images [N, 3, H, W], from a spread sample of at most ~4096 of them."""
+    pixels = images[:: max(1, len(images) // 4096)].float() / 255
+    return pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
+
+
+def new_run(cfg: Config, images: torch.Tensor) -> Run:
+    """A fresh network and optimizer for pretraining on uint8 images [N, 3, H, W], on their device."""
     torch.manual_seed(cfg.seed)
-    pixels = data.pretrain[:: max(1, len(data.pretrain) // 4096)].float() / 255  # a spread sample, for the statistics
-    backbone = ResNet18(pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))).to(device)
+    device = images.device
+    backbone = ResNet18(*pixel_stats(images)).to(device)
     proj = projector(cfg.proj_dim).to(device)
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.Adam([*backbone.parameters(), *proj.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return Run(cfg, backbone, proj, optimizer, torch.Generator(device).manual_seed(cfg.seed), log=[])
+    forward = torch.compile(nn.Sequential(backbone, proj)) if cfg.compile else nn.Sequential(backbone, proj)
+    return Run(cfg, backbone, proj, optimizer, torch.Generator(device).manual_seed(cfg.seed), log=[], forward=forward)
 
 
 def check_finite(run: Run, upto: int):
@@ -437,12 +439,23 @@ def check_finite(run: Run, upto: int):
                         f"{run.cfg.out_dir}", code=1)
 
 
+def train_step(run: Run, x: torch.Tensor):
+    """One Adam step on views x [V * B, 3, H, W] (view-major); returns the [loss, invariance, orthogonality] and z."""
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device):
+        z = run.forward(x).view(run.cfg.views, -1, run.cfg.proj_dim)
+    loss, invariance, orthogonality = ssl_loss(z, run.cfg.beta, run.cfg.loss)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return torch.stack([loss, invariance, orthogonality]).detach(), z
+
+
 def pretrain(run: Run, data: Data):
     """The training loop: batches of V views of B images, the loss, Adam; a log line and a checkpoint per epoch."""
     cfg, device, out = run.cfg, data.pretrain.device, Path(run.cfg.out_dir)
-    V, B, d, recipe = cfg.views, cfg.batch_size, cfg.proj_dim, aug_recipe(cfg)
-    model = nn.Sequential(run.backbone, run.projector)
-    forward = torch.compile(model) if cfg.compile else model
+    V, B, recipe = cfg.views, cfg.batch_size, aug_recipe(cfg)
     steps = len(data.pretrain) // B  # full batches only: the loss standardizes over the batch
     with StopRequest() as stop:
         while run.epoch < cfg.epochs:
@@ -458,15 +471,7 @@ def pretrain(run: Run, data: Data):
                                     f"{out}: rerun the same command to resume", code=130)
                 images = data.pretrain[run.perm[run.step * B:(run.step + 1) * B]]
                 x = augment(images, V, run.generator, **recipe).flatten(0, 1)  # view-major: [V * B, 3, H, W]
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device):
-                    z = forward(x).view(V, B, d)
-                loss, invariance, orthogonality = ssl_loss(z, cfg.beta, cfg.loss)
-                run.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                run.optimizer.step()
-                run.hist[run.step] = torch.stack([loss, invariance, orthogonality]).detach()
+                run.hist[run.step], z = train_step(run, x)
                 if run.step % 10 == 9:
                     check_finite(run, run.step + 1)
             check_finite(run, steps)
@@ -485,8 +490,7 @@ def pretrain(run: Run, data: Data):
             write_atomic(out / "log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in run.log)))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation: frozen features of clean images, a kNN classifier and the linear probe
+# --- Evaluation: frozen features of clean images, a kNN classifier and the linear probe ------------------------------
 @torch.no_grad()
 def features(backbone: nn.Module, images: torch.Tensor, views: int = 1, generator=None, recipe=None) -> torch.Tensor:
     """Backbone features of uint8 images, averaged over 1 clean + (views - 1) augmented views."""
@@ -544,13 +548,10 @@ def main(cfg: Config) -> dict:
     if cfg.batch_size > len(data.pretrain):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data.pretrain)} pretraining images; "
                         f"lower it or use more data")
-    state, run = open_run(cfg), new_run(cfg, data, device)
+    state, run = open_run(cfg), new_run(cfg, data.pretrain)
     if state:
         run.load(state)
         print(f"resuming {out} at epoch {run.epoch + 1}, step {run.step}")
-    else:
-        for stale in ("results.json", "checkpoint.pt", "log.jsonl"):
-            (out / stale).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "config.json", asdict(cfg))
     print(f"pretraining on {len(data.pretrain)} images, {cfg.views} views, d = {cfg.proj_dim}, beta = {cfg.beta:g}, "
@@ -582,10 +583,8 @@ def cli(argv=None):
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata["help"] + ("" if f.default in ("", None, False) else " (default: %(default)s)")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=help)
-        else:
-            parser.add_argument(flag, type=next(iter(get_args(f.type)), f.type), default=f.default, help=help)
+        kind = dict(action="store_true") if f.type is bool else dict(type=next(iter(get_args(f.type)), f.type), default=f.default)
+        parser.add_argument(flag, help=help, **kind)
     cfg = Config(**vars(parser.parse_args(argv)))
     try:
         main(cfg)

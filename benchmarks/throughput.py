@@ -116,7 +116,7 @@ def usual_transform(mean, std):
 
 def loader_batches(images: torch.Tensor, views: int, batch: int, device: torch.device, workers: int):
     """The usual pipeline over uint8 CPU images [N, 3, H, W], and how many batches its workers prepare ahead."""
-    dataset = MultiViewCIFAR(images.permute(0, 2, 3, 1).contiguous().numpy(), usual_transform(*pixel_stats(images)), views)
+    dataset = MultiViewCIFAR(images.permute(0, 2, 3, 1).contiguous().numpy(), usual_transform(*ssl_min.pixel_stats(images)), views)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                                          persistent_workers=True, pin_memory=device.type == "cuda", prefetch_factor=2,
                                          generator=torch.Generator().manual_seed(0))
@@ -134,35 +134,11 @@ def loader_batches(images: torch.Tensor, views: int, batch: int, device: torch.d
 # ---------------------------------------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------------------------------------
-def pixel_stats(images: torch.Tensor):
-    """Per-channel mean and std of a spread sample of uint8 images [N, 3, H, W], as ssl_min.main."""
-    pixels = images[:: max(1, len(images) // 4096)].float() / 255
-    return pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
-
-
 def training_step(images: torch.Tensor, views: int, batch: int, device: torch.device, compile: bool = False):
-    """ssl_min.main's training step on a batch of views x [V * B, 3, 32, 32]: fresh ResNet-18 + projector, Adam."""
-    cfg = ssl_min.resolve(ssl_min.Config(views=views, batch_size=batch, device=device.type))
-    backbone = ssl_min.ResNet18(*pixel_stats(images)).to(device)
-    proj = ssl_min.projector(cfg.proj_dim).to(device)
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.Adam([*backbone.parameters(), *proj.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model = torch.nn.Sequential(backbone, proj)
-    if compile:
-        model = torch.compile(model)
-
-    def step(x):
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with ssl_min.autocast(device):
-            z = model(x).view(views, batch, cfg.proj_dim)
-        loss = ssl_min.ssl_loss(z, cfg.beta, cfg.loss)[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    """ssl_min's training step (ssl_min.new_run and train_step) on a batch of views [V * B, 3, 32, 32]."""
+    cfg = ssl_min.resolve(ssl_min.Config(views=views, batch_size=batch, device=device.type, compile=compile))
+    run = ssl_min.new_run(cfg, images)
+    return lambda x: ssl_min.train_step(run, x)
 
 
 def measure_row(step: str, pipeline: str, views: int, batch: int, fn, device, s: dict, calls: int, drain=lambda: None) -> dict:
@@ -217,7 +193,7 @@ def probe_row(device) -> dict:
     g = torch.Generator(device).manual_seed(0)
     train, test = (torch.randint(0, 256, (n, 3, 32, 32), generator=g, device=device, dtype=torch.uint8) for n in (50_000, 10_000))
     train_y, test_y = (torch.randint(0, 10, (n,), generator=g, device=device) for n in (50_000, 10_000))
-    backbone = ssl_min.ResNet18(*pixel_stats(train)).to(device).to(memory_format=torch.channels_last)
+    backbone = ssl_min.ResNet18(*ssl_min.pixel_stats(train)).to(device).to(memory_format=torch.channels_last)
     sync(device)
     tic = time.perf_counter()
     ssl_min.linear_probe(ssl_min.features(backbone, train), train_y, ssl_min.features(backbone, test), test_y)
