@@ -18,6 +18,9 @@ import torchvision.transforms.functional as TF
 
 import ssl_min
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "notebooks"))
+import sweeps  # noqa: E402  (notebooks/sweeps.py: builds the small real-image folders)
+
 REPO = Path(__file__).resolve().parent
 CIFAR = Path(os.environ.get("SSL_MIN_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
 
@@ -215,13 +218,7 @@ def cifar_small(tmp_path_factory):
     """A class-balanced CIFAR-10 image folder: 50 training and 30 test images per class (links to the real files)."""
     if not (CIFAR / "train").is_dir():
         pytest.skip(f"real CIFAR-10 image folder not found at {CIFAR}")
-    root = tmp_path_factory.mktemp("cifar10_small")
-    for split, n in (("train", 50), ("test", 30)):
-        for cls in sorted(p.name for p in (CIFAR / split).iterdir()):
-            (root / split / cls).mkdir(parents=True)
-            for f in sorted((CIFAR / split / cls).iterdir())[:n]:
-                (root / split / cls / f.name).symlink_to(f)
-    return root
+    return Path(sweeps.smoke_data(CIFAR, train=50, test=30, root=tmp_path_factory.mktemp("cifar10_small")))
 
 
 def run(*args, env=None, **kw):

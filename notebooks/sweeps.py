@@ -72,11 +72,11 @@ def results_dir(sweep: str, setting: str) -> Path:
     return RESULTS / sweep / setting
 
 
-def smoke_data(source: Path = CIFAR, train: int = 8, test: int = 5) -> str:
-    """A tiny class-balanced image folder of links to the real CIFAR-10 files, for smoke runs."""
+def smoke_data(source: Path = CIFAR, train: int = 8, test: int = 5, root: Path | None = None) -> str:
+    """A tiny class-balanced image folder of links to the real CIFAR-10 files (in root, or a new temporary folder)."""
     if not (source / "train").is_dir():
         raise FileNotFoundError(f"smoke runs need the CIFAR-10 image folder at {source} (or set SSL_MIN_CIFAR10)")
-    root = Path(tempfile.mkdtemp(prefix="ssl_min_smoke_data_"))
+    root = root or Path(tempfile.mkdtemp(prefix="ssl_min_smoke_data_"))
     for split, n in (("train", train), ("test", test)):
         for cls in sorted(p.name for p in (source / split).iterdir()):
             (root / split / cls).mkdir(parents=True)
