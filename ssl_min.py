@@ -123,7 +123,7 @@ def download(cfg: Config, root: Path):
     created = not root.exists()
     try:
         if cfg.dataset == "stl10":
-            splits = {s: torchvision.datasets.STL10(root, split=s, download=True) for s in ("unlabeled", "train", "test")}
+            splits = {s: torchvision.datasets.STL10(root, s, download=True) for s in ("unlabeled", "train", "test")}
             data = {s: (torch.from_numpy(d.data), torch.from_numpy(d.labels).long()) for s, d in splits.items()}
             return data["unlabeled"][0], data["train"], data["test"], splits["train"].classes
         kind = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
@@ -138,7 +138,7 @@ def download(cfg: Config, root: Path):
 
 
 def class_balanced(labels: torch.Tensor, seed: int, fraction: float = 1.0, per_class: int = 0) -> torch.Tensor:
-    """Sorted indices of a seeded random `fraction` (or `per_class` images) of every class (the authors' were unseeded)."""
+    """Sorted indices of a seeded random `fraction` (or `per_class` images) of every class (the authors': unseeded)."""
     rng = np.random.default_rng(seed)
     keep = []
     for c in labels.unique():
@@ -182,7 +182,7 @@ def load_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     if torch.equal(ssl_images.amin((0, 2, 3)), ssl_images.amax((0, 2, 3))):
         raise UserError("the pretraining images are all of one constant colour: there is nothing to learn from them")
     if cfg.batch_size > len(ssl_images):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(ssl_images)} pretraining images; lower it")
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(ssl_images)} pretraining images")
     ssl_images = ssl_images[rank::world][:len(ssl_images) // world]  # torchrun: every process an equal share
     return Data(*(t.contiguous().to(device) for t in (ssl_images, train, train_y, test, test_y)), classes)
 
@@ -213,7 +213,9 @@ def augment(images: torch.Tensor, views: int, generator: torch.Generator, size: 
     p 0.8 (brightness, contrast, saturation 0.4, hue 0.1, in this fixed order), grayscale with p `p_gray`.
     """
     B, _, H, W = images.shape
-    n, size, device = views * B, size or H, images.device
+    n = views * B  # every view of every image draws its own parameters
+    size = size or H
+    device = images.device
 
     def uniform(low=0.0, high=1.0):  # one draw for every view of every image
         return low + (high - low) * torch.rand(n, generator=generator, device=device)
@@ -481,7 +483,8 @@ def evaluate(net: SSLNet, data: Data, probe_views: int = 0, generator=None, reci
 # ==== Main ============================================================================================================
 def main(cfg: Config) -> dict:
     """Pretrain, evaluate, and return the results (also written to out_dir/results.json). Rerunning resumes."""
-    start, cfg = time.time(), check_config(cfg)
+    start = time.time()
+    cfg = check_config(cfg)
     with Run(cfg) as run:  # the run folder and the processes: see "Run bookkeeping"
         data = load_data(cfg, run.device, run.rank, run.world)
         torch.manual_seed(cfg.seed)  # the initialization
@@ -497,7 +500,8 @@ def main(cfg: Config) -> dict:
         pretrain(cfg, net, model, optimizer, generator, data, run)
         if run.rank:
             return {}
-        tic, generator = time.time(), torch.Generator(run.device).manual_seed(cfg.seed + 1)
+        tic = time.time()
+        generator = torch.Generator(run.device).manual_seed(cfg.seed + 1)  # the probe's augmented views
         final = evaluate(net, data, cfg.probe_views, generator, aug_recipe(cfg), cfg.seed)
         run.log[-1].update(final)
         results = dict(**final, epochs=cfg.epochs, pretrain_time_s=sum(e["time_s"] for e in run.log),
@@ -524,7 +528,7 @@ class UserError(Exception):
 
 
 class Stop(BaseException):
-    """Raised by the SIGINT, SIGTERM and SIGHUP handlers; a BaseException, as KeyboardInterrupt, so nothing swallows it."""
+    """Raised by the SIGINT, SIGTERM and SIGHUP handlers; a BaseException, as KeyboardInterrupt: nothing swallows it."""
 
 
 def stop(signum, frame):
@@ -553,16 +557,19 @@ def check_config(cfg: Config) -> Config:
         (0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}"),
         (0 < cfg.lr < math.inf, f"--lr must be a finite number > 0, got {cfg.lr}"),
         (0 <= cfg.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got "
+                                                            f"{cfg.device!r}"),
     ]:
         if not ok:
             raise UserError(message)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s); use --device cpu")
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} usable CUDA GPUs; "
+                        f"use --device cpu")
     if cfg.device == "auto" and device == "cpu" and Path("/proc/driver/nvidia/version").exists():
         print(f"ssl_min: warning: this PyTorch (CUDA {torch.version.cuda}) cannot use this machine's NVIDIA driver: "
-              f"running on the CPU, where the default run takes days; install a matching PyTorch (README)", file=sys.stderr)
+              f"running on the CPU, where the default run takes days; install a matching PyTorch (README)",
+              file=sys.stderr)
     name = Path(cfg.data_dir).resolve().name if cfg.data_dir else cfg.dataset
     return replace(cfg, device=device, beta=default_beta(cfg.proj_dim, cfg.loss) if cfg.beta is None else cfg.beta,
                    compile=device.startswith("cuda") if cfg.compile is None else cfg.compile,
@@ -572,7 +579,8 @@ def check_config(cfg: Config) -> Config:
 def check_finite(losses: torch.Tensor, epoch: int):
     bad = (~losses.isfinite().all(1)).nonzero()  # once per epoch: the training loop's one host sync
     if len(bad):
-        raise UserError(f"the loss became non-finite at epoch {epoch}, step {bad[0].item() + 1}: lower --beta or --lr", 1)
+        raise UserError(f"the loss became non-finite at epoch {epoch}, step {bad[0].item() + 1}: lower --beta or --lr",
+                        1)
 
 
 def write_atomic(path: Path, write):
@@ -636,7 +644,7 @@ class GatherViews(torch.autograd.Function):
 class Run:
     """The run folder and the processes. On entering: join torchrun's processes, lock --out-dir, read the checkpoint
     of an unfinished run. After every epoch: checkpoint, config.json and log.jsonl, written in the background by
-    process 0, the only one that writes or prints. On leaving: wait for the writes, and say in one line what is saved."""
+    process 0, the only one that writes or prints. On leaving: wait for the writes; say in one line what is saved."""
 
     def __init__(self, cfg: Config):
         self.cfg, self.out = cfg, Path(cfg.out_dir)
@@ -644,8 +652,12 @@ class Run:
         self.device = torch.device(cfg.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        self.log, self.epochs_done, self.saved, self.state = [], 0, 0, None
-        self.lock, self.created, self.pending, self.writer = None, False, None, ThreadPoolExecutor(1)
+        self.log, self.epochs_done = [], 0  # the epochs trained, as in the checkpoint
+        self.saved = 0  # the epochs in the checkpoint on disk
+        self.state = None  # the checkpoint read, until resume() loads it
+        self.lock = None  # a file descriptor of --out-dir, locked
+        self.created = False  # whether this run created --out-dir
+        self.writer, self.pending = ThreadPoolExecutor(1), None  # the thread that writes checkpoints, and its job
 
     def __enter__(self):
         try:
@@ -654,7 +666,7 @@ class Run:
                     torch.cuda.set_device(self.device)
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
                 if self.cfg.batch_size % self.world:
-                    raise UserError(f"--batch-size {self.cfg.batch_size} must be divisible by the {self.world} processes")
+                    raise UserError(f"--batch-size {self.cfg.batch_size} must divide among the {self.world} processes")
             if self.rank == 0:
                 self.take_folder()
             if (self.out / "checkpoint.pt").exists() and not self.cfg.overwrite:
@@ -678,7 +690,8 @@ class Run:
                 self.lock = os.open(self.out, os.O_RDONLY)
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{self.out} is in use by another ssl_min run; wait for it, or pass another --out-dir", 1) from None
+            raise UserError(f"{self.out} is in use by another ssl_min run; wait for it, or pass another --out-dir",
+                            1) from None
         except OSError as e:
             raise UserError(f"--out-dir {self.out}: {e.strerror}; pass another --out-dir") from None
         if (self.out / "results.json").exists() and not self.cfg.overwrite:
@@ -707,7 +720,8 @@ class Run:
         if self.world > 1:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            devices = [self.device] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
         if self.cfg.compile:
             model.compile()
         return model
@@ -737,7 +751,8 @@ class Run:
         if self.cfg.overwrite:  # the replaced run's results go with its checkpoint
             (self.out / "results.json").unlink(missing_ok=True)
         save_json(self.out / "config.json", state["config"])
-        write_atomic(self.out / "log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in state["log"])))
+        lines = "".join(json.dumps(entry) + "\n" for entry in state["log"])
+        write_atomic(self.out / "log.jsonl", lambda p: p.write_text(lines))
 
     def wait(self):
         """Wait for the checkpoint being written; raise its error, if any."""
