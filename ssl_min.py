@@ -583,11 +583,15 @@ def check_finite(losses: torch.Tensor, epoch: int):
                         1)
 
 
-def write_atomic(path: Path, write):
-    """Write through a temporary file and a rename, so a crash or a full disk never leaves a half-written file."""
+def write_atomic(path: Path, content):
+    """Write text, or a state dict with torch.save, through a temporary file and a rename: a crash or a full disk
+    never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            torch.save(content, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         try:
@@ -598,7 +602,7 @@ def write_atomic(path: Path, write):
 
 
 def save_json(path: Path, obj):
-    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def cpu_copy(obj):
@@ -746,13 +750,12 @@ class Run:
                  f"{entry['views_per_s']:8,.0f} views/s  {entry['time_s']:6.1f} s{knn}")
 
     def write(self, state: dict):
-        write_atomic(self.out / "checkpoint.pt", lambda p: torch.save(state, p))
+        write_atomic(self.out / "checkpoint.pt", state)
         self.saved = state["epoch"]
         if self.cfg.overwrite:  # the replaced run's results go with its checkpoint
             (self.out / "results.json").unlink(missing_ok=True)
         save_json(self.out / "config.json", state["config"])
-        lines = "".join(json.dumps(entry) + "\n" for entry in state["log"])
-        write_atomic(self.out / "log.jsonl", lambda p: p.write_text(lines))
+        write_atomic(self.out / "log.jsonl", "".join(json.dumps(entry) + "\n" for entry in state["log"]))
 
     def wait(self):
         """Wait for the checkpoint being written; raise its error, if any."""

@@ -689,17 +689,31 @@ def test_a_folder_in_use_by_another_run_is_refused(cifar_small, tmp_path):
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed")])
-def test_failed_write_keeps_the_previous_file_and_leaves_no_partial_one(error, tmp_path):
+@pytest.mark.parametrize("content", ["text", {"state": torch.zeros(3)}], ids=["text", "state dict"])
+def test_failed_write_keeps_the_previous_file_and_leaves_no_partial_one(error, content, tmp_path, monkeypatch):
     target = tmp_path / "checkpoint.pt"
     target.write_bytes(b"good")
 
-    def disk_full(path):
+    def disk_full(self_or_obj, path_or_text, *args, **kwargs):
+        path = self_or_obj if isinstance(self_or_obj, Path) else Path(path_or_text)
         path.write_bytes(b"half")
         raise error
 
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(ssl_min.UserError, match="previous version is kept"):
-        ssl_min.write_atomic(target, disk_full)
+        ssl_min.write_atomic(target, content)
     assert target.read_bytes() == b"good" and list(tmp_path.iterdir()) == [target]
+
+
+def test_failed_write_on_a_read_only_file_system_is_one_error(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)  # the cleanup fails too
+    with pytest.raises(ssl_min.UserError, match="Read-only file system"):
+        ssl_min.write_atomic(tmp_path / "config.json", "{}")
 
 
 def test_out_of_memory_names_the_options_to_lower(cifar_small, tmp_path):
