@@ -898,6 +898,39 @@ def test_torchrun_command_line_runs_end_to_end_and_writes_once(cifar_small, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------------------
+def test_benchmark_smoke_mode_records_its_provenance_and_positive_rates(tmp_path):
+    """benchmarks/throughput.py --smoke runs every CPU code path on tiny sizes (~10 s on 2 cores), then --profile."""
+    bench, out = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--smoke"], tmp_path / "bench.json"
+    done = subprocess.run(bench + ["--json", str(out), "--markdown"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    h = result["header"]
+    assert h["commit"] and h["cpu"]["model"] and h["cpu"]["cores"] >= 1
+    assert h["versions"]["torch"] == torch.__version__ and "cuda" in h["versions"]
+    assert h["threads"]["torch_intra_op"] == 1 and h["threads"]["dataloader_workers"] >= 1
+    assert {(r["step"], r["pipeline"].split()[0]) for r in result["rows"]} >= {
+        ("augmentation", "usual"), ("augmentation", "ssl_min"), ("train", "usual"), ("train", "ssl_min")}
+    for r in result["rows"]:
+        assert 0 < r["views_per_s_min"] <= r["views_per_s"] <= r["views_per_s_max"], r
+    usual = [r for r in result["rows"] if r["pipeline"].startswith("usual")]
+    assert all(r["per_worker_views_per_s"] > 0 for r in usual)
+    assert min(r["waves"] for r in usual if r["step"] == "augmentation") >= 10
+    lean, reference = result["probe"]
+    assert lean["seconds"] > 0 and reference["seconds"] > 0 and lean["ratio"] > 0
+    assert abs(lean["accuracy"] - reference["accuracy"]) <= 1 / 256 and lean["accuracy"] > 0.3  # same result, > chance
+    assert "| step | input pipeline |" in done.stdout and h["commit"] in done.stdout
+
+    done = subprocess.run(bench + ["--profile", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    phases = {p["phase"]: p for p in json.loads(out.read_text())["profile"]["phases"]}
+    assert {"augmentation", "forward", "loss", "backward", "optimizer step"} <= set(phases)
+    assert abs(sum(p["cpu_share"] for p in phases.values() if p["cpu_share"] is not None) - 1) < 1e-6
+    assert phases["forward"]["cpu_ms"] > 0 and phases["backward"]["cpu_ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Notebooks, executed in smoke mode
 # ---------------------------------------------------------------------------------------------------------------
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
