@@ -292,8 +292,9 @@ def view_target(z: torch.Tensor) -> torch.Tensor:
     """Tz_v = mean_{u != v} z_u for every view v: the Monte-Carlo estimate of T_M z (Eq. 8) that view v is pulled to.
 
     Eq. 10 takes the mean over all V views, v included. Leaving v out rescales Eq. 10's invariance term by ((V-1)/V)^2
-    per view (mean_all - z_v = (V-1)/V (Tz_v - z_v)), so it changes no minimizer. It is the form chosen here because at
-    V = 2 the target of a view is the other view, exactly BarlowTwins' cross-correlation, and because the expected
+    per view (mean_all - z_v = (V-1)/V (Tz_v - z_v)): under Eq. 9's hard constraint that changes no minimizer; in a
+    Lagrangian form it is a change of scale of beta. It is not a bias fix. It is the form chosen here because at V = 2
+    the target of a view is the other view, exactly BarlowTwins' cross-correlation, and because the expected
     correlation of a view with its target does not depend on V, so beta keeps its meaning as V changes.
     """
     return (z.sum(0, keepdim=True) - z) / (z.shape[0] - 1)
@@ -392,13 +393,14 @@ def pretrain(cfg: Config, net: SSLNet, model: nn.Module, optimizer, generator: t
     `model` is `net` as trained: compiled, and under torchrun wrapped for several processes."""
     batch = cfg.batch_size // run.world
     steps = len(data.ssl_images) // batch  # full batches only: the loss standardizes over the batch
+    recipe = aug_recipe(cfg)
     for epoch in range(run.epochs_done + 1, cfg.epochs + 1):
         tic = time.time()
         order = torch.randperm(len(data.ssl_images), generator=generator, device=generator.device)
         losses = torch.zeros(steps, 3, device=generator.device)  # read once per epoch: no host sync in the loop
         for step in range(steps):
             images = data.ssl_images[order[step * batch:(step + 1) * batch]]
-            views = augment(images, cfg.views, generator, **aug_recipe(cfg))
+            views = augment(images, cfg.views, generator, **recipe)
             losses[step] = train_step(model, optimizer, views, cfg.beta, cfg.loss)
         check_finite(losses, epoch)
         mean = losses.mean(0).tolist()
