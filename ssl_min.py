@@ -850,7 +850,8 @@ def cli(argv=None):
     except Stop as e:  # before the run had started
         message, code = f"stopped by {signal.Signals(e.args[0]).name}; nothing is saved", 128 + e.args[0]
     try:
-        print(f"ssl_min: {'error: ' if code == 2 else ''}{message}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here: one says it
+            print(f"ssl_min: {'error: ' if code == 2 else ''}{message}", file=sys.stderr, flush=True)
     except OSError:
         pass  # the terminal is gone (SIGHUP)
     if code == 128 + 13:  # stdout is a closed pipe: what Python flushes at exit goes nowhere
