@@ -786,7 +786,7 @@ class Run:
                 dist.destroy_process_group()
         if isinstance(error, Stop):
             message, code = f"stopped by {signal.Signals(error.args[0]).name}", 128 + error.args[0]
-        elif isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error):
+        elif isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error):
             message, code = (f"out of memory on {self.device}: lower --batch-size ({self.cfg.batch_size}), --views "
                              f"({self.cfg.views}) or --proj-dim ({self.cfg.proj_dim}), or use smaller images"), 1
         elif isinstance(error, BrokenPipeError):
