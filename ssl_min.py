@@ -658,7 +658,7 @@ class Run:
         self.device = torch.device(cfg.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        self.log, self.epochs_done = [], 0  # the epochs trained, as in the checkpoint
+        self.log = []  # one entry per epoch trained, as in the checkpoint
         self.saved = 0  # the epochs in the checkpoint on disk
         self.state = None  # the checkpoint read, until resume() loads it
         self.lock = None  # a file descriptor of --out-dir, locked
@@ -682,6 +682,10 @@ class Run:
         except BaseException:
             self.__exit__(None, None, None)  # give back what was taken
             raise
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.log)
 
     def take_folder(self):
         """Create and lock --out-dir; refuse one that is in use, or holds a finished run."""
@@ -714,8 +718,8 @@ class Run:
                 for p in net.parameters():
                     assert all(s.shape == p.shape for s in optimizer.state[p].values() if s.dim()), "optimizer state"
                 generator.set_state(self.state["rng"][self.rank])
-                self.log, self.epochs_done = list(self.state["log"]), self.state["epoch"]
-                assert len(self.log) == self.epochs_done and all(isinstance(e, dict) for e in self.log), "log"
+                self.log = list(self.state["log"])
+                assert len(self.log) == self.state["epoch"] and all(isinstance(e, dict) for e in self.log), "log"
             except Exception as e:
                 raise UserError(f"cannot resume from {self.out / 'checkpoint.pt'} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]}); it is left as is: pass another --out-dir, or "
@@ -735,7 +739,6 @@ class Run:
     def save(self, entry: dict, net: SSLNet, optimizer, generator):
         """End of an epoch: give the checkpoint to the writer thread (after the last one is written), print the line."""
         self.log.append(entry)
-        self.epochs_done = entry["epoch"]
         rng = [generator.get_state()]  # every process's random stream, for an exact resume
         if self.world > 1:
             rng = [None] * self.world

@@ -102,13 +102,15 @@ def check_full_data(data_dir: str):
 def run_one(sweep: str, setting: str, name: str, cfg, data_dir: str, folder: Path) -> dict:
     """Run one configuration and save its results in folder/<name>.json; smoke runs leave no files behind."""
     print(f"--- {sweep}/{setting}/{name}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="ssl_min_smoke_") as tmp:
-        out = Path(tmp) if setting == "smoke" else RUNS / sweep / name
+    if setting == "smoke":
+        with tempfile.TemporaryDirectory(prefix="ssl_min_smoke_") as tmp:
+            results = ssl_min.main(replace(cfg, data_dir=data_dir, out_dir=tmp))
+    else:
+        out = RUNS / sweep / name  # an interrupted run resumes from its checkpoint here
         results = ssl_min.main(replace(cfg, data_dir=data_dir, out_dir=str(out)))
+        shutil.rmtree(out)  # the results are saved below: the 135 MB checkpoint has done its job
     folder.mkdir(parents=True, exist_ok=True)
     ssl_min.save_json(folder / f"{name}.json", results)
-    if setting != "smoke":
-        shutil.rmtree(out)  # the results are saved: the 135 MB checkpoint has done its job
     return results
 
 
