@@ -4,28 +4,26 @@ A minimal, fast PyTorch reference implementation of A. Ghosh, K. K. Agrawal, S. 
 B. A. Richards, "Harnessing small projectors and multiple views for efficient vision pretraining", NeurIPS 2024
 (arXiv 2312.10725). BarlowTwins and VICReg learn the top eigenfunctions of the augmentation kernel; the paper rewrites
 their loss (Eq. 9-10) as the invariance of each view to the mean over the views (a Monte-Carlo estimate of the
-augmentation-averaging operator T_M) plus an orthogonality constraint of strength beta. Hence a small projector
-(d = 128) matches a large one when beta ~ 1/d, and more views per image learn faster.
+augmentation average, Eq. 8) plus an orthogonality constraint of strength beta. Hence a small projector (d = 128)
+matches a large one when beta ~ 1/d, and more views per image learn faster.
 
-Read it top to bottom: config, data, augmentation, model, loss, training, evaluation, main. The last section, run
-bookkeeping (option checks, checkpoints and resume, processes, signals, the command line), can be skipped.
+Read it top to bottom: config, data, augmentation, model, loss, training, evaluation, and main, which shows how a
+run saves, resumes, compiles and goes data-parallel; the run bookkeeping at the end can be skipped.
 
     python ssl_min.py --views 4 --proj-dim 128                      # a CUDA GPU: CIFAR-10 (downloaded), 100 epochs
     python ssl_min.py --data-dir DIR --subset 50 --epochs 2 --views 2 --batch-size 100   # a CPU check, minutes
     torchrun --nproc-per-node 4 ssl_min.py --views 4 --proj-dim 128  # several GPUs, data-parallel
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import get_args
@@ -37,46 +35,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-
-try:
-    import fcntl  # locks --out-dir; absent on Windows, where runs go unlocked
-except ImportError:
-    fcntl = None
+from torch.distributed.nn.functional import all_gather  # differentiable: its backward pass sums the gradients
 
 
 # ==== Config ==========================================================================================================
-def option(default, help):
-    return field(default=default, metadata={"help": help})
+def option(default, help, low=None, high=math.inf, choices=None):  # low to high, or one of choices
+    return field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices))
 
 
 @dataclass
 class Config:
     # The method: V views per image, a projector of width d, orthogonality strength beta (Eq. 9-10)
-    views: int = option(4, "augmented views per image, V >= 2")
-    proj_dim: int = option(128, "projector width d (hidden and output)")
-    beta: float | None = option(None, "orthogonality strength (default: 5/d for barlow, 1/(25 d) for vicreg)")
-    loss: str = option("barlow", "barlow or vicreg: the two Lagrangian forms of the reformulated loss")
+    views: int = option(4, "augmented views per image, V", low=2)
+    proj_dim: int = option(128, "projector width d (hidden and output)", low=1)
+    beta: float | None = option(None, "orthogonality strength (default: 5/d for barlow, 1/(25 d) for vicreg)", low=0)
+    loss: str = option("barlow", "the Lagrangian form of the reformulated loss", choices=("barlow", "vicreg"))
     # Data
-    dataset: str = option("cifar10", "cifar10, cifar100 or stl10 via torchvision (STL-10 pretrains on 'unlabeled')")
-    data_dir: str = option("", "image folder with train/<class>/ and test/<class>/ to use instead of a download")
-    subset: int = option(0, "keep this many random images per class of every split (0: all), for quick runs")
-    train_fraction: float = option(1.0, "seeded, class-balanced fraction of the training images to pretrain on")
+    data_dir: str = option("", "image folder with train/<class>/ and test/<class>/ (default: CIFAR-10, downloaded)")
+    subset: int = option(0, "keep this many random images per class of every split (0: all), for quick runs", low=0)
+    train_fraction: float = option(1.0, "seeded, class-balanced share of the training images to pretrain on", 1e-6, 1)
     # Optimization: the paper's Adam, no schedule
-    epochs: int = option(100, "pretraining epochs")
-    batch_size: int = option(512, "images per step, each in V views (split across processes under torchrun)")
-    lr: float = option(1e-3, "Adam learning rate")
-    weight_decay: float = option(1e-6, "Adam weight decay")
+    epochs: int = option(100, "pretraining epochs", low=1)
+    batch_size: int = option(512, "images per step, each in V views (split among torchrun's processes)", low=2)
+    lr: float = option(1e-3, "Adam learning rate", low=0)
+    weight_decay: float = option(1e-6, "Adam weight decay", low=0)
     # Evaluation
-    probe_views: int = option(1, "views averaged per image for the probe's features: 1 clean + (n-1) augmented")
-    eval_every: int = option(10, "kNN accuracy and effective rank every this many epochs (0: only after the last)")
+    probe_views: int = option(1, "views averaged per image for the probe's features: 1 clean + (n-1) augmented", low=1)
+    eval_every: int = option(10, "kNN accuracy and effective rank every this many epochs (0: after the last)", low=0)
     # The run
-    seed: int = option(0, "seed of the initialization, the subsets, the batches and the augmentations")
-    device: str = option("auto", "auto (cuda if available), cpu, cuda or cuda:N")
-    out_dir: str = option("", "folder for config.json, log.jsonl, checkpoint.pt, results.json "
-                              "(default: runs/<data>-v<V>-d<d>-<loss>-s<seed>)")
-    compile: bool | None = option(None, "torch.compile the network (default: on CUDA, where it pays off after "
-                                        "~25 epochs)")
-    overwrite: bool = option(False, "replace the run in --out-dir (once the new run has saved an epoch)")
+    seed: int = option(0, "seed of the initialization, the subsets, the batches and the augmentations", 0, 2 ** 32 - 1)
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
+    out_dir: str = option("", "folder for log.jsonl, checkpoint.pt, results.json (default: runs/<data>-v<V>-d<d>-...)")
+    compile: bool | None = option(None, "torch.compile the network (default: on one CUDA GPU; pays off in ~25 epochs)")
+    overwrite: bool = option(False, "start again in --out-dir, replacing its run once the new run has saved an epoch")
 
 
 # ==== Data: every split is one uint8 tensor [N, 3, H, W] on the device, so batches are slices, not a DataLoader ======
@@ -88,53 +79,38 @@ class Data:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list
+    fingerprint: str  # of all the images and labels: a checkpoint resumes only on the data it was trained on
+
+
+def load_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert("RGB") would silently clip them to white
+            raise UserError(f"--data-dir: {path} has {im.mode} pixels; convert the images to 8-bit RGB")
+        return np.asarray(im.convert("RGB"))
 
 
 def read_image_folder(folder: Path):
-    """All images of folder/<class>/* as uint8 [N, 3, H, W] and labels, classes sorted by name (ImageFolder order)."""
-    if not folder.is_dir():
-        raise UserError(f"--data-dir: {folder} is missing; expected train/<class>/ and test/<class>/ beside it")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise UserError(f"--data-dir: {folder} has no class folders; put its images in {folder}/<class>/")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir() if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise UserError(f"--data-dir: class {name} in {folder} holds no images (subfolders are not read)")
-        for path in files:
-            try:
-                with Image.open(path) as im:
-                    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert("RGB") would clip them to white
-                        raise ValueError(f"{im.mode} pixels: convert it to 8-bit RGB")
-                    image = np.asarray(im.convert("RGB"))
-            except Exception as e:  # PIL raises many kinds: OSError, ValueError, DecompressionBombError, ...
-                raise UserError(f"--data-dir: cannot read {path} as an image ({e}); remove or convert it") from None
-            if images and image.shape != images[0].shape:
-                raise UserError(f"--data-dir: {path} is {image.shape[1]}x{image.shape[0]} px but the first image is "
-                                f"{images[0].shape[1]}x{images[0].shape[0]}; resize all images to one size first")
-            images.append(image)
-            labels.append(label)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels), classes
+    """All images of folder/<class>/* as uint8 [N, 3, H, W], their labels, and the classes (sorted by name)."""
+    dataset = torchvision.datasets.ImageFolder(folder, loader=load_rgb)
+    images = [image for image, _ in dataset]
+    sizes = {image.shape for image in images}
+    if len(sizes) > 1:  # one line instead of numpy's "all input arrays must have the same shape"
+        raise UserError(f"--data-dir: {folder} holds images of several sizes ({sorted(sizes)}); resize them to one")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(dataset.targets), dataset.classes
 
 
-def download(cfg: Config, root: Path):
-    """The splits of a torchvision dataset as uint8 tensors [N, 3, H, W] and labels (None for STL-10's unlabeled)."""
-    created = not root.exists()
+def download(root: Path):
+    """CIFAR-10 from torchvision: train images [N, 3, H, W] (uint8), labels, test images, labels, classes."""
+    new = [p for p in (root, root.parent) if not p.exists()]
     try:
-        if cfg.dataset == "stl10":
-            splits = {s: torchvision.datasets.STL10(root, s, download=True) for s in ("unlabeled", "train", "test")}
-            data = {s: (torch.from_numpy(d.data), torch.from_numpy(d.labels).long()) for s, d in splits.items()}
-            return data["unlabeled"][0], data["train"], data["test"], splits["train"].classes
-        kind = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-        splits = {s: kind(root, train=s == "train", download=True) for s in ("train", "test")}
-        data = {s: (torch.from_numpy(d.data).permute(0, 3, 1, 2), torch.tensor(d.targets)) for s, d in splits.items()}
-        return None, data["train"], data["test"], splits["train"].classes
-    except (OSError, RuntimeError) as e:  # no internet: URLError is an OSError
-        if created and root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-        raise UserError(f"could not download {cfg.dataset} to {root} ({type(e).__name__}); without internet, pass "
-                        f"--data-dir with train/<class>/ and test/<class>/ image folders") from None
+        splits = [torchvision.datasets.CIFAR10(root, train=train, download=True) for train in (True, False)]
+    except OSError as e:  # no internet: URLError is an OSError
+        for folder in (f for f in new if f.is_dir() and not any(f.iterdir())):  # leave no empty folder behind
+            folder.rmdir()
+        raise UserError(f"could not download CIFAR-10 ({e}); without internet, pass --data-dir with "
+                        f"train/<class>/ and test/<class>/ image folders") from None
+    tensors = [(torch.from_numpy(d.data).permute(0, 3, 1, 2), torch.tensor(d.targets)) for d in splits]
+    return *tensors[0], *tensors[1], splits[0].classes
 
 
 def class_balanced(labels: torch.Tensor, seed: int, fraction: float = 1.0, per_class: int = 0) -> torch.Tensor:
@@ -143,48 +119,30 @@ def class_balanced(labels: torch.Tensor, seed: int, fraction: float = 1.0, per_c
     keep = []
     for c in labels.unique():
         members = rng.permutation(np.flatnonzero(labels.numpy() == c.item()))
+        if per_class > len(members):  # taking all of a small class would silently unbalance the subset
+            raise UserError(f"--subset {per_class}: class {c.item()} has only {len(members)} images")
         keep.append(members[: per_class or max(1, round(fraction * len(members)))])
     return torch.from_numpy(np.sort(np.concatenate(keep)))
 
 
-def take_subset(images, labels, classes, cfg: Config, split: str):
-    """--subset random images of every class of one split."""
-    counts = labels.bincount(minlength=len(classes))
-    if cfg.subset > counts.min():
-        raise UserError(f"--subset {cfg.subset}: class {classes[counts.argmin()]} of the {split} split has only "
-                        f"{counts.min()} images")
-    keep = class_balanced(labels, cfg.seed, per_class=cfg.subset)
-    return images[keep], labels[keep]
-
-
 def load_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> Data:
     if cfg.data_dir:
-        root = Path(cfg.data_dir)
-        if not root.is_dir():
-            raise UserError(f"--data-dir {root} {'is a file' if root.exists() else 'does not exist'}; give a folder "
-                            f"with train/<class>/ and test/<class>/")
-        train, train_y, classes = read_image_folder(root / "train")
-        test, test_y, test_classes = read_image_folder(root / "test")
-        if test_classes != classes or test.shape[1:] != train.shape[1:]:
-            raise UserError(f"--data-dir: train/ and test/ differ in their class folders or image sizes ({classes}, "
-                            f"{list(train.shape[1:])} vs {test_classes}, {list(test.shape[1:])})")
-        unlabeled = None
+        train, train_y, classes = read_image_folder(Path(cfg.data_dir) / "train")
+        test, test_y, _ = read_image_folder(Path(cfg.data_dir) / "test")
     else:
-        unlabeled, (train, train_y), (test, test_y), classes = download(cfg, Path.home() / ".cache" / "ssl_min")
+        train, train_y, test, test_y, classes = download(Path.home() / ".cache" / "ssl_min")
     if cfg.subset:
-        train, train_y = take_subset(train, train_y, classes, cfg, "train")
-        test, test_y = take_subset(test, test_y, classes, cfg, "test")
-    if unlabeled is None:  # pretrain on the labelled training images, without their labels
-        ssl_images = train[class_balanced(train_y, cfg.seed, fraction=cfg.train_fraction)]
-    else:  # STL-10's unlabeled split has no classes to balance: a seeded random part of it
-        keep = round(cfg.train_fraction * (cfg.subset * len(classes) if cfg.subset else len(unlabeled)))
-        ssl_images = unlabeled[torch.randperm(len(unlabeled), generator=torch.Generator().manual_seed(cfg.seed))[:keep]]
-    if torch.equal(ssl_images.amin((0, 2, 3)), ssl_images.amax((0, 2, 3))):
-        raise UserError("the pretraining images are all of one constant colour: there is nothing to learn from them")
-    if cfg.batch_size > len(ssl_images):
+        train_keep, test_keep = (class_balanced(y, cfg.seed, per_class=cfg.subset) for y in (train_y, test_y))
+        train, train_y, test, test_y = train[train_keep], train_y[train_keep], test[test_keep], test_y[test_keep]
+    ssl_images = train[class_balanced(train_y, cfg.seed, fraction=cfg.train_fraction)]  # labels never used
+    if cfg.batch_size > len(ssl_images):  # an epoch would take no step, and the run would silently learn nothing
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(ssl_images)} pretraining images")
+    digest = hashlib.blake2b(digest_size=16)  # a checkpoint resumes only on the data it was trained on
+    for t in (ssl_images, train, train_y, test, test_y):
+        digest.update(t.contiguous().numpy().tobytes())
     ssl_images = ssl_images[rank::world][:len(ssl_images) // world]  # torchrun: every process an equal share
-    return Data(*(t.contiguous().to(device) for t in (ssl_images, train, train_y, test, test_y)), classes)
+    tensors = (t.contiguous().to(device) for t in (ssl_images, train, train_y, test, test_y))
+    return Data(*tensors, classes, digest.hexdigest())
 
 
 # ==== Multi-view augmentation: batched, every image and view draws its own parameters, on the device ==================
@@ -205,16 +163,13 @@ def hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return top.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def augment(images: torch.Tensor, views: int, generator: torch.Generator, size: int | None = None,
-            scale=(0.08, 1.0), p_gray: float = 0.2) -> torch.Tensor:
-    """`views` augmented views of every image: uint8 [B, 3, H, W] -> float [views, B, 3, size, size] in [0, 1].
-
-    Random resized crop (area `scale`, aspect 3/4-4/3) and horizontal flip in one resampling, colour jitter with
+def augment(images: torch.Tensor, views: int, generator: torch.Generator, scale=(0.08, 1.0), p_gray: float = 0.2):
+    """`views` augmented views of every image: uint8 [B, 3, H, W] -> float [views, B, 3, H, W] in [0, 1]:
+    random resized crop (area `scale`, aspect 3/4-4/3) and horizontal flip in one resampling, colour jitter with
     p 0.8 (brightness, contrast, saturation 0.4, hue 0.1, in this fixed order), grayscale with p `p_gray`.
     """
     B, _, H, W = images.shape
     n = views * B  # every view of every image draws its own parameters
-    size = size or H
     device = images.device
 
     def uniform(low=0.0, high=1.0):  # one draw for every view of every image
@@ -223,14 +178,14 @@ def augment(images: torch.Tensor, views: int, generator: torch.Generator, size: 
     x = images.float().div(255).repeat(views, 1, 1, 1)  # [views * B, 3, H, W], view-major
     # Crop: the area fraction and log-aspect are uniform as in torchvision; sides are clamped to the image instead
     # of torchvision's up-to-10 redraws. An affine grid maps the output square onto the crop box (flipped or not).
-    area, aspect = uniform(*scale), torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
-    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # fractions of the sides
-    theta = torch.zeros(n, 2, 3, device=device)
-    theta[:, 0, 0] = w * torch.where(uniform() < 0.5, -1.0, 1.0)
-    theta[:, 0, 2] = (1 - w) * uniform(-1, 1)
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = (1 - h) * uniform(-1, 1)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    area = uniform(*scale)
+    aspect = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = (area * aspect).sqrt().clamp(max=1)  # the crop's sides, as fractions of the image's
+    h = (area / aspect).sqrt().clamp(max=1)
+    flip = torch.where(uniform() < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([w * flip, zero, (1 - w) * uniform(-1, 1), zero, h, (1 - h) * uniform(-1, 1)], 1).view(n, 2, 3)
+    grid = F.affine_grid(theta, [n, 3, H, W], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     # Colour jitter: a sample that skips it (p 0.2) gets the identity factors, so no branch per sample.
     jitter = uniform() < 0.8
@@ -242,12 +197,7 @@ def augment(images: torch.Tensor, views: int, generator: torch.Generator, size: 
     x = ((x - grayscale) * saturation + grayscale).clamp(0, 1)
     x = hue_shift(x, torch.where(jitter, uniform(-0.1, 0.1), 0.0))
     x = torch.where((uniform() < p_gray).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
-    return x.view(views, B, 3, size, size)
-
-
-def aug_recipe(cfg: Config) -> dict:
-    """The paper's augmentation settings: STL-10 uses 64 px crops of area 0.2-1 and grayscale with p 0.1."""
-    return dict(size=64, scale=(0.2, 1.0), p_gray=0.1) if cfg.dataset == "stl10" and not cfg.data_dir else {}
+    return x.view(views, B, 3, H, W)
 
 
 # ==== Model: the backbone f (ResNet-18) and the projector g; embeddings z = g(f(x)) ===================================
@@ -289,19 +239,12 @@ def pixel_stats(images: torch.Tensor):
 # ==== The loss: each view invariant to the mean over views (Eq. 10), orthogonality of strength beta (Eq. 9) ==========
 # Notation: z [V, B, d] holds the embeddings of the V views (u, v) of a batch of B images; i, j index the d dimensions.
 def view_target(z: torch.Tensor) -> torch.Tensor:
-    """Tz_v = mean_{u != v} z_u for every view v: the Monte-Carlo estimate of T_M z (Eq. 8) that view v is pulled to.
-
-    Eq. 10 takes the mean over all V views, v included. Leaving v out rescales Eq. 10's invariance term by ((V-1)/V)^2
-    per view (mean_all - z_v = (V-1)/V (Tz_v - z_v)): under Eq. 9's hard constraint that changes no minimizer; in a
-    Lagrangian form it is a change of scale of beta. It is not a bias fix. It is the form chosen here because at V = 2
-    the target of a view is the other view, exactly BarlowTwins' cross-correlation, and because the expected
-    correlation of a view with its target does not depend on V, so beta keeps its meaning as V changes.
-    """
+    """Tz_v = mean_{u != v} z_u: the mean over the other views, the Monte-Carlo estimate of the augmentation average
+    (Eq. 8) that view v is pulled to. Eq. 10 includes v in the mean; leaving it out rescales each view's invariance
+    term by ((V-1)/V)^2 (mean_all - z_v = (V-1)/V (Tz_v - z_v)): no minimizer of Eq. 9 changes, and in a Lagrangian
+    form it is a change of scale of beta, not a bias fix. At V = 2 it makes the target of a view the other view, as in
+    BarlowTwins, and the expected correlation of a view with its target does not depend on V, nor then does beta."""
     return (z.sum(0, keepdim=True) - z) / (z.shape[0] - 1)
-
-
-def off_diagonal(C: torch.Tensor) -> torch.Tensor:
-    return C - torch.diag_embed(C.diagonal(dim1=-2, dim2=-1))
 
 
 def barlow_loss(z: torch.Tensor, beta: float):
@@ -316,8 +259,9 @@ def barlow_loss(z: torch.Tensor, beta: float):
     B = z.shape[1]
     f = (z - z.mean(1, keepdim=True)) / (z.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()  # as BatchNorm
     C = f.transpose(1, 2) @ view_target(f) / B  # [V, d, d]
-    invariance = (1 - C.diagonal(dim1=1, dim2=2)).pow(2).sum(1).mean()
-    orthogonality = beta * off_diagonal(C).pow(2).sum((1, 2)).mean()
+    diagonal = C.diagonal(dim1=1, dim2=2)
+    invariance = (1 - diagonal).pow(2).sum(1).mean()
+    orthogonality = beta * (C.pow(2).sum((1, 2)) - diagonal.pow(2).sum(1)).mean()  # the off-diagonal C_ij, i != j
     return invariance, orthogonality
 
 
@@ -336,9 +280,10 @@ def vicreg_loss(z: torch.Tensor, beta: float):
     invariance = VICREG_LAMBDA * (z - view_target(z)).pow(2).mean()
     centred = z - z.mean(1, keepdim=True)
     cov = centred.transpose(1, 2) @ centred / (B - 1)  # [V, d, d]
-    std = (cov.diagonal(dim1=1, dim2=2) + 1e-4).sqrt()
+    variance = cov.diagonal(dim1=1, dim2=2)
+    off_diagonal = cov.pow(2).sum((1, 2)) - variance.pow(2).sum(1)
     nu = VICREG_LAMBDA * beta * d
-    orthogonality = VICREG_MU * F.relu(1 - std).mean() + nu * 2 * off_diagonal(cov).pow(2).sum((1, 2)).mean() / d
+    orthogonality = VICREG_MU * F.relu(1 - (variance + 1e-4).sqrt()).mean() + nu * 2 * off_diagonal.mean() / d
     return invariance, orthogonality
 
 
@@ -350,37 +295,29 @@ def ssl_loss(z: torch.Tensor, beta: float, loss: str = "barlow"):
 
 
 def default_beta(d: int, loss: str) -> float:
-    """barlow: 5/d. The authors' tuned BarlowTwins beta on CIFAR-10 (2 views; their run scripts) has beta * d = 2.6 at
-    d = 64, 5.1 at d = 128 to 512, 1.5 to 3.1 at d = 768 to 4096 and 6.1 to 6.6 at d = 6144 and 8192: about 5 for the
-    small projectors this file is for, within a factor of 3.5 everywhere. For 4 and 8 views they halved beta, in their
-    own multi-view loss (see view_target); that beta keeps its value as V changes here is a design intent, not yet a
-    measurement. vicreg: 1/(25 d), VICReg's own 25/25/1 weights."""
+    """barlow: 5/d, the authors' tuned BarlowTwins beta for small projectors (README, "The method"); vicreg: 1/(25 d),
+    VICReg's own 25/25/1 weights."""
     return 5 / d if loss == "barlow" else 1 / (VICREG_LAMBDA * d)
 
 
 def effective_rank(z: torch.Tensor) -> float:
-    """exp(entropy of the normalized singular values) of z [N, d] (RankMe): d when all directions are used,
-    1 under complete dimensional collapse."""
+    """RankMe: exp(entropy of the normalized singular values) of z [N, d]; d if all directions are used, 1 if one."""
     s = torch.linalg.svdvals(z.float())
     p = s[s > 0] / s.sum()
     return math.exp(-(p * p.log()).sum().item())
 
 
 # ==== Training ========================================================================================================
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, beta: float, loss: str):
     """One Adam step on views [V, B, 3, H, W] of a batch; returns [loss, invariance, orthogonality] on the device."""
     V, B = views.shape[:2]
     x = views.flatten(0, 1)  # view-major [V * B, 3, H, W]: one forward pass for all views
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(x.device):
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # bf16 on the GPU, float32 on the CPU
         z = model(x).view(V, B, -1)
-    if dist.is_initialized():  # torchrun: the loss sees the whole batch, every process's part (see GatherViews)
-        z = GatherViews.apply(z)
+    if dist.is_initialized():  # torchrun: every process computes the whole batch's loss from all its parts [V, b, d]
+        z = torch.cat(all_gather(z), 1)  # the gradients of its own part come back to each (DDP then averages)
     total, invariance, orthogonality = ssl_loss(z, beta, loss)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -388,48 +325,49 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: torch.
     return torch.stack([total, invariance, orthogonality]).detach()
 
 
-def pretrain(cfg: Config, net: SSLNet, model: nn.Module, optimizer, generator: torch.Generator, data: Data, run):
+def pretrain(cfg: Config, net: SSLNet, model: nn.Module, optimizer, generator, data: Data, first_epoch: int, save):
     """Every epoch the images in a new random order; every step V views of a batch, the loss and an Adam step.
-    `model` is `net` as trained: compiled, and under torchrun wrapped for several processes."""
-    batch = cfg.batch_size // run.world
+    `model` is `net` as trained (compiled, or wrapped for several processes); `save(entry)` ends every epoch."""
+    batch = cfg.batch_size // (dist.get_world_size() if dist.is_initialized() else 1)  # this process's part
     steps = len(data.ssl_images) // batch  # full batches only: the loss standardizes over the batch
-    recipe = aug_recipe(cfg)
-    for epoch in range(run.epochs_done + 1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         tic = time.time()
         order = torch.randperm(len(data.ssl_images), generator=generator, device=generator.device)
         losses = torch.zeros(steps, 3, device=generator.device)  # read once per epoch: no host sync in the loop
         for step in range(steps):
             images = data.ssl_images[order[step * batch:(step + 1) * batch]]
-            views = augment(images, cfg.views, generator, **recipe)
+            views = augment(images, cfg.views, generator)
             losses[step] = train_step(model, optimizer, views, cfg.beta, cfg.loss)
-        check_finite(losses, epoch)
+        bad = (~losses.isfinite().all(1)).nonzero()  # the epoch's one host sync; a bad epoch is not saved
+        if len(bad):
+            raise FloatingPointError(f"the loss became non-finite at epoch {epoch}, step {bad[0].item() + 1}: lower "
+                                     f"--beta or --lr; the checkpoint of the epoch before is kept")
         mean = losses.mean(0).tolist()
         seconds = time.time() - tic
         entry = dict(epoch=epoch, loss=mean[0], invariance=mean[1], orthogonality=mean[2],
                      views_per_s=steps * cfg.batch_size * cfg.views / seconds, time_s=seconds)
-        if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs and run.rank == 0:
+        if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:
             entry.update(evaluate(net, data))  # after the last epoch, main evaluates
-        run.save(entry, net, optimizer, generator)  # the checkpoint, log.jsonl and the epoch's line
+        save(entry)
 
 
 # ==== Evaluation: frozen features, a kNN classifier, the linear probe =================================================
 @torch.no_grad()
-def features(backbone: nn.Module, images: torch.Tensor, views: int = 1, generator=None, recipe=None) -> torch.Tensor:
+def features(backbone: nn.Module, images: torch.Tensor, views: int = 1, generator=None) -> torch.Tensor:
     """Features of uint8 images from a backbone in eval mode, averaged over 1 clean + (views - 1) augmented views."""
     out = []
     for batch in images.split(1024):
-        with autocast(batch.device):
-            f = backbone(batch.float() / 255).float()
-            if views > 1:
-                x = augment(batch, views - 1, generator, **{**(recipe or {}), "size": batch.shape[-1]})
-                f = (f + backbone(x.flatten(0, 1)).float().view(views - 1, len(batch), -1).sum(0)) / views
-        out.append(f)
+        x = batch.float().div(255).unsqueeze(0)
+        if views > 1:  # augmented outside autocast: the crops' coordinates stay in float32
+            x = torch.cat([x, augment(batch, views - 1, generator)])
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
+            out.append(backbone(x.flatten(0, 1)).float().view(views, len(batch), -1).mean(0))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def knn_accuracy(train_f, train_y, test_f, test_y, classes: int, k: int = 200, temperature: float = 0.1) -> float:
-    """Weighted kNN on cosine similarity (k = 200, as lightly's and solo-learn's benchmarks)."""
+    """Weighted kNN on cosine similarity, k = 200 as lightly's and solo-learn's: votes weigh exp(similarity / T)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     correct = torch.zeros((), device=test_f.device)  # counted on the device: one host sync at the end
     for f, y in zip(test_f.split(1024), test_y.split(1024)):
@@ -442,10 +380,8 @@ def knn_accuracy(train_f, train_y, test_f, test_y, classes: int, k: int = 200, t
 @torch.no_grad()
 def linear_probe(train_f, train_y, test_f, test_y, classes: int, epochs: int = 200, seed: int = 0) -> float:
     """Test top-1 accuracy of a linear classifier on frozen features, as in the paper: Adam (lr 1e-3, weight decay
-    1e-6), cross-entropy with label smoothing 0.1, batch 512, 200 epochs; from zero weights (the problem is convex).
-    Features are standardized with the training statistics (a linear map: same capacity, better conditioned).
-    The gradient and the Adam update are written out: a step of this small problem costs its kernel launches, about
-    12 here against ~50 for nn.Linear + F.cross_entropy + torch.optim.Adam, which compute the same."""
+    1e-6), cross-entropy with label smoothing 0.1, batch 512, 200 epochs, from zero weights, on features standardized
+    with the training statistics. The gradient and Adam are written out: ~12 kernel launches a step, not ~50."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x, x_test = (F.pad((f - mean) / std, (0, 1), value=1.0) for f in (train_f, test_f))  # a constant 1: the bias
     target = F.one_hot(train_y, classes) * 0.9 + 0.1 / classes  # label smoothing 0.1
@@ -465,15 +401,15 @@ def linear_probe(train_f, train_y, test_f, test_y, classes: int, epochs: int = 2
 
 
 @torch.no_grad()
-def evaluate(net: SSLNet, data: Data, probe_views: int = 0, generator=None, recipe=None, seed: int = 0) -> dict:
-    """kNN accuracy and the effective rank of the test embeddings, from features of clean images; with probe_views
-    >= 1 the linear probe too, on features averaged over probe_views views (reusing the clean ones when it is 1)."""
+def evaluate(net: SSLNet, data: Data, probe_views: int = 0, generator=None, seed: int = 0) -> dict:
+    """kNN accuracy and effective rank of the test embeddings from clean images; with probe_views >= 1 the linear
+    probe too, on features averaged over probe_views views."""
     net.eval()  # BatchNorm with its running statistics
     train_f, test_f = features(net.backbone, data.train_images), features(net.backbone, data.test_images)
     result = dict(knn_acc=knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, len(data.classes)),
                   erank=effective_rank(net.projector(test_f)))
     if probe_views > 1:
-        train_f, test_f = (features(net.backbone, images, probe_views, generator, recipe)
+        train_f, test_f = (features(net.backbone, images, probe_views, generator)
                            for images in (data.train_images, data.test_images))
     if probe_views:
         result["probe_acc"] = linear_probe(train_f, data.train_labels, test_f, data.test_labels, len(data.classes),
@@ -482,112 +418,128 @@ def evaluate(net: SSLNet, data: Data, probe_views: int = 0, generator=None, reci
     return result
 
 
-# ==== Main ============================================================================================================
+# ==== Main: pretrain, evaluate, save; rerunning the same command resumes =============================================
 def main(cfg: Config) -> dict:
     """Pretrain, evaluate, and return the results (also written to out_dir/results.json). Rerunning resumes."""
     start = time.time()
-    cfg = check_config(cfg)
-    with Run(cfg) as run:  # the run folder and the processes: see "Run bookkeeping"
-        data = load_data(cfg, run.device, run.rank, run.world)
-        torch.manual_seed(cfg.seed)  # the initialization
-        net = SSLNet(cfg.proj_dim, *pixel_stats(data.ssl_images)).to(run.device)
-        if run.device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)  # the layout of cuDNN's fastest convolutions
-            torch.backends.cudnn.benchmark = True
-        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        generator = torch.Generator(run.device).manual_seed(cfg.seed + (run.rank << 32))  # batches, augmentations
-        model = run.resume(net, optimizer, generator)  # from the checkpoint of an unfinished run, if any
-        run.say(f"pretraining on {len(data.ssl_images) * run.world} images, {cfg.views} views, d = {cfg.proj_dim}, "
-                f"beta = {cfg.beta:g}, {cfg.loss}, on {run.device}" + f" x {run.world} processes" * (run.world > 1))
-        pretrain(cfg, net, model, optimizer, generator, data, run)
-        if run.rank:
-            return {}
+    name = Path(cfg.data_dir).resolve().name if cfg.data_dir else "cifar10"
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes; compile + DDP + SyncBatchNorm: not measured
+    cfg = replace(cfg, beta=default_beta(cfg.proj_dim, cfg.loss) if cfg.beta is None else cfg.beta,
+                  compile=cfg.device.startswith("cuda") and world == 1 if cfg.compile is None else cfg.compile,
+                  out_dir=cfg.out_dir or f"runs/{name}-v{cfg.views}-d{cfg.proj_dim}-{cfg.loss}-s{cfg.seed}")
+    out = Path(cfg.out_dir)
+    if (out / "results.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out} holds a finished run (results.json); pass another --out-dir, or --overwrite")
+    device = torch.device(cfg.device)
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:  # torchrun: one process per GPU (or CPU processes), each with its share of every batch
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if cfg.batch_size % world:
+            raise UserError(f"--batch-size {cfg.batch_size} must divide among the {world} processes")
+    data = load_data(cfg, device, rank, world)
+    torch.manual_seed(cfg.seed)  # the initialization
+    net = SSLNet(cfg.proj_dim, *pixel_stats(data.ssl_images)).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # the layout of cuDNN's fastest convolutions
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator(device).manual_seed(cfg.seed + (rank << 32))  # batches, augmentations
+    run = dict(config=asdict(cfg), data=data.fingerprint, device=device.type, processes=world)
+    log = resume(out / "checkpoint.pt", run, net, optimizer, generator, rank) if not cfg.overwrite else []
+    model = net
+    if world > 1:  # every process computes the whole batch's loss (train_step); DDP averages the gradients
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BatchNorm over the whole batch
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        torch.compiler.reset()  # a new graph for this run: earlier runs in this process must not fill the cache
+        model.compile()
+    info = provenance(device)  # before training: nothing that happens after it can cost a finished run
+
+    def save(entry: dict):  # the end of an epoch: a synchronous, atomic checkpoint, then the log and the line
+        log.append(entry)
+        rng = [generator.get_state()] * world  # every process's random stream, for an exact resume
+        if world > 1:
+            dist.all_gather_object(rng, generator.get_state())
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / "checkpoint.pt", dict(run, epoch=len(log), log=log, model=net.state_dict(),
+                                                     optimizer=optimizer.state_dict(), rng=rng))
+            write_atomic(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+            (out / "results.json").unlink(missing_ok=True)  # under --overwrite: the replaced run's
+        knn = f"  kNN {entry['knn_acc']:.2%}  effective rank {entry['erank']:.1f}" if "knn_acc" in entry else ""
+        left = (cfg.epochs - entry["epoch"]) * entry["time_s"] / 3600
+        say(f"epoch {entry['epoch']:3d}/{cfg.epochs}  loss {entry['loss']:.3f} (invariance {entry['invariance']:.3f}, "
+            f"orthogonality {entry['orthogonality']:.3f})  {entry['views_per_s']:,.0f} views/s  {entry['time_s']:.1f} s"
+            f"  ~{left:.1f} h left{knn}")
+
+    slow = " (no GPU: a full run takes days; each epoch's line says how long is left)" * (device.type == "cpu")
+    say(f"pretraining on {len(data.ssl_images) * world} images, {cfg.views} views, d = {cfg.proj_dim}, "
+        f"beta = {cfg.beta:g}, {cfg.loss}, on {device}" + f" x {world} processes" * (world > 1) + slow)
+    try:
+        pretrain(cfg, net, model, optimizer, generator, data, len(log) + 1, save)
         tic = time.time()
-        generator = torch.Generator(run.device).manual_seed(cfg.seed + 1)  # the probe's augmented views
-        final = evaluate(net, data, cfg.probe_views, generator, aug_recipe(cfg), cfg.seed)
-        run.log[-1].update(final)
-        results = dict(**final, epochs=cfg.epochs, pretrain_time_s=sum(e["time_s"] for e in run.log),
-                       eval_time_s=time.time() - tic, wall_time_s=time.time() - start,
-                       data=dict(pretrain=len(data.ssl_images) * run.world, train=len(data.train_images),
-                                 test=len(data.test_images), image=list(data.train_images.shape[1:])),
-                       processes=run.world, **provenance(run.device), config=asdict(cfg), log=run.log)
-        run.finish(results)
-        run.say(f"linear probe: {final['probe_acc']:.2%} test top-1, kNN {final['knn_acc']:.2%}, effective rank "
-                f"{final['erank']:.1f}; results in {run.out}")
-        return results
+        probe_generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # the probe's augmented views
+        final = evaluate(net, data, cfg.probe_views, probe_generator, cfg.seed)
+    except (KeyboardInterrupt, torch.OutOfMemoryError, MemoryError) as e:  # say what is saved, and what to do
+        rerun = "without --overwrite" if cfg.overwrite else "the same command"
+        saved = (f"the checkpoint after epoch {len(log)} is in {out}: rerun {rerun} to resume" if log else
+                 "no epoch of this run had finished, so nothing of it is saved")
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"interrupted; {saved}") from None
+        lower = (f"--probe-views ({cfg.probe_views})" if len(log) == cfg.epochs else
+                 f"--batch-size ({cfg.batch_size}), --views ({cfg.views}) or --proj-dim ({cfg.proj_dim})")
+        raise UserError(f"out of memory on {device} ({type(e).__name__}): lower {lower}; {saved}") from None
+    log[-1].update(final)
+    results = dict(**final, epochs=cfg.epochs, pretrain_time_s=sum(e["time_s"] for e in log),
+                   eval_time_s=time.time() - tic, wall_time_s=time.time() - start,
+                   data=dict(pretrain=len(data.ssl_images) * world, train=len(data.train_images),
+                             test=len(data.test_images), image=list(data.train_images.shape[1:])),
+                   processes=world, **info, config=asdict(cfg), log=log)
+    if rank == 0:
+        save_json(out / "results.json", results)
+    say(f"linear probe: {final['probe_acc']:.2%} test top-1, kNN {final['knn_acc']:.2%}, effective rank "
+        f"{final['erank']:.1f}; results in {out}")
+    if world > 1:
+        dist.destroy_process_group()
+    return results
 
 
-# ======================================================================================================================
-# Run bookkeeping: option checks, the run folder (lock, checkpoints, resume), several processes, signals, the command
-# line. None of it is the method: a reader of the paper can stop here.
-# ======================================================================================================================
+# ==== Run bookkeeping: resume, atomic writes, provenance, the command line ============================================
 class UserError(Exception):
-    """A problem the user can fix: the command line prints it as one line, without a traceback."""
-
-    def __init__(self, message, code=2):
-        super().__init__(message)
-        self.code = code
+    """A problem the user can fix, or a stop that says what is saved."""
 
 
-class Stop(BaseException):
-    """Raised by the SIGINT, SIGTERM and SIGHUP handlers; a BaseException, as KeyboardInterrupt: nothing swallows it."""
+def resume(path: Path, run: dict, net: SSLNet, optimizer, generator: torch.Generator, rank: int) -> list:
+    """Load the checkpoint of an unfinished run, if there is one and it is this run; return its log."""
+    if not path.exists():
+        return []
+    state = torch.load(path, map_location="cpu", weights_only=True)  # plain types only: no code runs
+    resumable = ("epochs", "eval_every", "probe_views", "data_dir", "device", "compile", "overwrite", "out_dir")
+    differ = [k for k, v in run["config"].items() if k not in resumable and state["config"].get(k) != v]
+    differ += [k for k in ("data", "device", "processes") if state[k] != run[k]]
+    if differ:
+        raise UserError(f"{path.parent} holds an unfinished run with another {', '.join(differ)}; rerun with its "
+                        f"options and data to resume it, or pass another --out-dir (--overwrite discards it)")
+    if state["epoch"] > run["config"]["epochs"]:
+        raise UserError(f"{path.parent} has trained {state['epoch']} epochs, more than --epochs")
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"][rank])
+    say(f"resuming {path.parent} after epoch {state['epoch']}")
+    return state["log"]
 
 
-def stop(signum, frame):
-    for sig in STOP_SIGNALS:  # one clean stop: a second signal must not cut short the checkpoint being written
-        signal.signal(sig, signal.SIG_IGN)
-    raise Stop(signum)
-
-
-STOP_SIGNALS = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
-LIMITS = dict(views=2, proj_dim=1, batch_size=2, epochs=1, subset=0, probe_views=1, eval_every=0, seed=0)
-CHOICES = dict(dataset=("cifar10", "cifar100", "stl10"), loss=("barlow", "vicreg"))
-RESUMABLE = ("epochs", "eval_every", "device", "compile", "overwrite", "out_dir")  # may change when a run resumes
-
-
-def check_config(cfg: Config) -> Config:
-    """Check every option before anything is read or written, and fill in the defaults that depend on others."""
-    for name, low in LIMITS.items():
-        if not low <= getattr(cfg, name) < 2 ** 32:
-            raise UserError(f"--{name.replace('_', '-')} must be a whole number from {low} to {2 ** 32 - 1}, got "
-                            f"{getattr(cfg, name)}")
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
-    for ok, message in [
-        (cfg.beta is None or 0 <= cfg.beta < math.inf, f"--beta must be a finite number >= 0, got {cfg.beta}"),
-        (0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}"),
-        (0 < cfg.lr < math.inf, f"--lr must be a finite number > 0, got {cfg.lr}"),
-        (0 <= cfg.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got "
-                                                            f"{cfg.device!r}"),
-    ]:
-        if not ok:
-            raise UserError(message)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} usable CUDA GPUs; "
-                        f"use --device cpu")
-    if cfg.device == "auto" and device == "cpu" and Path("/proc/driver/nvidia/version").exists():
-        print(f"ssl_min: warning: this PyTorch (CUDA {torch.version.cuda}) cannot use this machine's NVIDIA driver: "
-              f"running on the CPU, where the default run takes days; install a matching PyTorch (README)",
-              file=sys.stderr)
-    name = Path(cfg.data_dir).resolve().name if cfg.data_dir else cfg.dataset
-    return replace(cfg, device=device, beta=default_beta(cfg.proj_dim, cfg.loss) if cfg.beta is None else cfg.beta,
-                   compile=device.startswith("cuda") if cfg.compile is None else cfg.compile,
-                   out_dir=cfg.out_dir or f"runs/{name}-v{cfg.views}-d{cfg.proj_dim}-{cfg.loss}-s{cfg.seed}")
-
-
-def check_finite(losses: torch.Tensor, epoch: int):
-    bad = (~losses.isfinite().all(1)).nonzero()  # once per epoch: the training loop's one host sync
-    if len(bad):
-        raise UserError(f"the loss became non-finite at epoch {epoch}, step {bad[0].item() + 1}: lower --beta or --lr",
-                        1)
+def say(text: str):
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, process 0 speaks for all
+        print(text, flush=True)
 
 
 def write_atomic(path: Path, content):
-    """Write text, or a state dict with torch.save, through a temporary file and a rename: a crash or a full disk
-    never leaves a half-written file."""
+    """Write text or a state dict to a temporary file renamed over `path`: a crash leaves no half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         if isinstance(content, str):
@@ -595,25 +547,12 @@ def write_atomic(path: Path, content):
         else:
             torch.save(content, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # a read-only file system holds no partial file either
-        raise UserError(f"could not write {path} ({str(e).splitlines()[0]}); the previous version is kept", 1) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_json(path: Path, obj):
     write_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
-def cpu_copy(obj):
-    """A copy of a nested state dict on the CPU, which the later steps do not change while it is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    return [cpu_copy(v) for v in obj] if isinstance(obj, list) else obj
 
 
 def provenance(device: torch.device) -> dict:
@@ -621,221 +560,19 @@ def provenance(device: torch.device) -> dict:
     git = ["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--abbrev=40", "--dirty=+changes"]
     try:
         commit = subprocess.run(git, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except OSError:  # no git
+    except (OSError, subprocess.SubprocessError):  # no git, or a slow one
         commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return dict(device=name, commit=commit, versions=dict(python=platform.python_version(), torch=torch.__version__,
                                                           torchvision=torchvision.__version__))
-
-
-class GatherViews(torch.autograd.Function):
-    """torchrun: every process's embeddings [V, b, d] -> [V, processes * b, d], so that the standardization and the
-    correlations are those of the whole batch. Every process computes the same loss from them; the backward pass sums
-    their gradients and returns each process its own part (DDP then averages the weights' gradients)."""
-
-    @staticmethod
-    def forward(ctx, z):
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z.contiguous())
-        return torch.cat(parts, 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size(), 1)[dist.get_rank()]
-
-
-class Run:
-    """The run folder and the processes. On entering: join torchrun's processes, lock --out-dir, read the checkpoint
-    of an unfinished run. After every epoch: checkpoint, config.json and log.jsonl, written in the background by
-    process 0, the only one that writes or prints. On leaving: wait for the writes; say in one line what is saved."""
-
-    def __init__(self, cfg: Config):
-        self.cfg, self.out = cfg, Path(cfg.out_dir)
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.device = torch.device(cfg.device)
-        if self.world > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        self.log = []  # one entry per epoch trained, as in the checkpoint
-        self.saved = 0  # the epochs in the checkpoint on disk
-        self.state = None  # the checkpoint read, until resume() loads it
-        self.lock = None  # a file descriptor of --out-dir, locked
-        self.created = False  # whether this run created --out-dir
-        self.writer, self.pending = ThreadPoolExecutor(1), None  # the thread that writes checkpoints, and its job
-
-    def __enter__(self):
-        try:
-            if self.world > 1:
-                if self.device.type == "cuda":
-                    torch.cuda.set_device(self.device)
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-                if self.cfg.batch_size % self.world:
-                    raise UserError(f"--batch-size {self.cfg.batch_size} must divide among the {self.world} processes")
-            if self.rank == 0:
-                self.take_folder()
-            if (self.out / "checkpoint.pt").exists() and not self.cfg.overwrite:
-                self.state = read_checkpoint(self.out / "checkpoint.pt", self.cfg)
-                self.saved = self.state["epoch"]
-            return self
-        except BaseException:
-            self.__exit__(None, None, None)  # give back what was taken
-            raise
-
-    @property
-    def epochs_done(self) -> int:
-        return len(self.log)
-
-    def take_folder(self):
-        """Create and lock --out-dir; refuse one that is in use, or holds a finished run."""
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"--out-dir {self.out} is a file; pass a folder")
-        self.created = not self.out.exists()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.out, os.W_OK):
-                raise PermissionError(13, "not writable")
-            if fcntl:
-                self.lock = os.open(self.out, os.O_RDONLY)
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{self.out} is in use by another ssl_min run; wait for it, or pass another --out-dir",
-                            1) from None
-        except OSError as e:
-            raise UserError(f"--out-dir {self.out}: {e.strerror}; pass another --out-dir") from None
-        if (self.out / "results.json").exists() and not self.cfg.overwrite:
-            raise UserError(f"{self.out} already holds a finished run (results.json); pass another --out-dir, or "
-                            f"--overwrite to replace it")
-
-    def resume(self, net: SSLNet, optimizer, generator) -> nn.Module:
-        """Load the checkpoint, if any. Return the model to train: net, compiled with --compile, and under torchrun
-        in DistributedDataParallel, with SyncBatchNorm on CUDA (where torch has it; CPU processes keep their own)."""
-        if self.state:
-            try:
-                net.load_state_dict(self.state["model"])
-                optimizer.load_state_dict(self.state["optimizer"])
-                for p in net.parameters():
-                    assert all(s.shape == p.shape for s in optimizer.state[p].values() if s.dim()), "optimizer state"
-                generator.set_state(self.state["rng"][self.rank])
-                self.log = list(self.state["log"])
-                assert len(self.log) == self.state["epoch"] and all(isinstance(e, dict) for e in self.log), "log"
-            except Exception as e:
-                raise UserError(f"cannot resume from {self.out / 'checkpoint.pt'} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160]}); it is left as is: pass another --out-dir, or "
-                                f"--overwrite to replace it") from None
-            self.state = None
-            self.say(f"resuming {self.out} after epoch {self.epochs_done}")
-        model = net
-        if self.world > 1:
-            if self.device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-            devices = [self.device] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
-        if self.cfg.compile:
-            model.compile()
-        return model
-
-    def save(self, entry: dict, net: SSLNet, optimizer, generator):
-        """End of an epoch: give the checkpoint to the writer thread (after the last one is written), print the line."""
-        self.log.append(entry)
-        rng = [generator.get_state()]  # every process's random stream, for an exact resume
-        if self.world > 1:
-            rng = [None] * self.world
-            dist.all_gather_object(rng, generator.get_state())
-        if self.rank:
-            return
-        state = cpu_copy(dict(config=asdict(self.cfg), epoch=self.epochs_done, log=self.log, world_size=self.world,
-                              model=net.state_dict(), optimizer=optimizer.state_dict(), rng=rng))
-        self.wait()
-        self.pending = self.writer.submit(self.write, state)
-        knn = f"  kNN {entry['knn_acc']:.2%}  effective rank {entry['erank']:.1f}" if "knn_acc" in entry else ""
-        self.say(f"epoch {entry['epoch']:3d}/{self.cfg.epochs}  loss {entry['loss']:9.3f} (invariance "
-                 f"{entry['invariance']:8.3f}, orthogonality {entry['orthogonality']:8.3f})  "
-                 f"{entry['views_per_s']:8,.0f} views/s  {entry['time_s']:6.1f} s{knn}")
-
-    def write(self, state: dict):
-        write_atomic(self.out / "checkpoint.pt", state)
-        self.saved = state["epoch"]
-        if self.cfg.overwrite:  # the replaced run's results go with its checkpoint
-            (self.out / "results.json").unlink(missing_ok=True)
-        save_json(self.out / "config.json", state["config"])
-        write_atomic(self.out / "log.jsonl", "".join(json.dumps(entry) + "\n" for entry in state["log"]))
-
-    def wait(self):
-        """Wait for the checkpoint being written; raise its error, if any."""
-        pending, self.pending = self.pending, None
-        if pending:
-            pending.result()
-
-    def finish(self, results: dict):
-        self.wait()
-        save_json(self.out / "results.json", results)
-
-    def say(self, text: str):
-        if self.rank == 0:
-            print(text, flush=True)
-
-    def __exit__(self, kind, error, traceback):
-        try:
-            self.wait()
-        finally:
-            self.writer.shutdown()
-            if self.lock is not None:
-                os.close(self.lock)  # releases the lock
-            if self.created and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()  # nothing was written: leave no trace
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        if isinstance(error, Stop):
-            message, code = f"stopped by {signal.Signals(error.args[0]).name}", 128 + error.args[0]
-        elif isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error):
-            message, code = (f"out of memory on {self.device}: lower --batch-size ({self.cfg.batch_size}), --views "
-                             f"({self.cfg.views}) or --proj-dim ({self.cfg.proj_dim}), or use smaller images"), 1
-        elif isinstance(error, BrokenPipeError):
-            message, code = "the output was closed", 128 + 13
-        elif isinstance(error, UserError) and error.code == 1:  # the run had started: a non-finite loss, a failed write
-            message, code = str(error), 1
-        else:
-            return False
-        if self.saved:
-            saved = f"the checkpoint after epoch {self.saved} is in {self.out}: rerun the same command to resume"
-        elif (self.out / "checkpoint.pt").exists():
-            saved = f"no epoch of this run had finished, and {self.out} still holds the run it was to replace"
-        else:
-            saved = "no epoch had finished, so nothing is saved"
-        raise UserError(f"{message}; {saved}", code) from None
-
-
-def read_checkpoint(path: Path, cfg: Config) -> dict:
-    """The state saved in the checkpoint of an unfinished run, after checking that it is one of this configuration."""
-    try:
-        with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)  # plain types only: no code runs
-        saved, epoch, world = dict(state["config"]), state["epoch"], state["world_size"]
-        assert isinstance(epoch, int) and isinstance(world, int), "epoch"
-    except Exception as e:  # a truncated or foreign file: say so, and leave it alone
-        raise UserError(f"cannot resume from {path} ({type(e).__name__}); it is left as is: pass another --out-dir, "
-                        f"or --overwrite to replace it") from None
-    differ = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
-    if "data_dir" in differ and saved["data_dir"] and Path(saved["data_dir"]).resolve() == Path(cfg.data_dir).resolve():
-        differ.remove("data_dir")  # the same folder, written another way
-    if differ or world != int(os.environ.get("WORLD_SIZE", 1)):
-        what = ", ".join([f"--{k.replace('_', '-')} {saved.get(k)} vs {getattr(cfg, k)}" for k in differ] +
-                         [f"{world} processes"] * (world != int(os.environ.get("WORLD_SIZE", 1))))
-        raise UserError(f"{path.parent} holds an unfinished run of another configuration ({what}); rerun with its "
-                        f"options to resume it, or pass another --out-dir (--overwrite discards it)")
-    if epoch > cfg.epochs:
-        raise UserError(f"{path.parent} has already trained {epoch} epochs, more than --epochs {cfg.epochs}")
-    return state
 
 
 def cli(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.error = lambda message: parser.exit(2, f"ssl_min: error: {message} (see --help)\n")  # one line, no usage
     for f in fields(Config):
-        kind = dict(type=next(iter(get_args(f.type)), f.type), default=f.default)
+        kind = dict(type=next(iter(get_args(f.type)), f.type), default=f.default, choices=f.metadata["choices"])
         if f.type is bool:
             kind = dict(action="store_true")
         elif f.type == bool | None:
@@ -843,23 +580,20 @@ def cli(argv=None):
         shown = "" if f.default in ("", None) or f.default is False else " (default: %(default)s)"
         parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + shown, **kind)
     cfg = Config(**vars(parser.parse_args(argv)))
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, stop)
+    for f in fields(Config):  # the ranges: argparse says it in one line
+        low, high, value = f.metadata["low"], f.metadata["high"], getattr(cfg, f.name)
+        if low is not None and value is not None and not (math.isfinite(value) and low <= value <= high):
+            bounds = f"at least {low}" if high == math.inf else f"from {low} to {high}"
+            parser.error(f"--{f.name.replace('_', '-')} must be {bounds}, got {value}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop, as Ctrl-C: say what is saved
     try:
         main(cfg)
-        return
-    except UserError as e:
-        message, code = str(e), e.code
-    except Stop as e:  # before the run had started
-        message, code = f"stopped by {signal.Signals(e.args[0]).name}; nothing is saved", 128 + e.args[0]
-    try:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here: one says it
-            print(f"ssl_min: {'error: ' if code == 2 else ''}{message}", file=sys.stderr, flush=True)
-    except OSError:
-        pass  # the terminal is gone (SIGHUP)
-    if code == 128 + 13:  # stdout is a closed pipe: what Python flushes at exit goes nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(code)
+    except (Exception, KeyboardInterrupt) as e:  # one line, no traceback: the message says what to do
+        interrupted = isinstance(e, KeyboardInterrupt)
+        message = str(e) or "interrupted; nothing is saved" if interrupted else f"error: {str(e) or repr(e)}"
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every process gets here: one says it
+            print(f"ssl_min: {message.splitlines()[0]}", file=sys.stderr, flush=True)
+        sys.exit(130 if interrupted else 1)
 
 
 if __name__ == "__main__":
