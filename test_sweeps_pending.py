@@ -67,6 +67,7 @@ def test_verdict_words_and_intervals():
     assert text.endswith(": better") and "90% interval [" in text and "95% interval [" in text
     assert "higher" in sweeps.verdict([30, 31], [20, 21], percent=False, margin=None)
     assert sweeps.decide([30, 30.1], [30, 30.1], margin=None).word == "inconclusive"  # no margin: never "matches"
+    assert "more than 100 seeds" in sweeps.verdict([0.1, 0.3], [0.1, 0.28])  # a 1-point gap in a 14-point spread
 
 
 def test_inconclusive_says_how_many_seeds_would_settle_it():
@@ -349,5 +350,5 @@ def test_one_real_tiny_run(tmp_path, monkeypatch):
     results = sweeps.run_one("main", "smoke", "tiny", cfg, str(tmp_path), tmp_path / "results")
     assert sweeps.read_results(tmp_path / "results" / "tiny.json") == json.loads(json.dumps(results))
     text = sweeps.describe("main", "smoke", {"tiny": results}) + sweeps.title("smoke", {"tiny": results})
-    assert "SMOKE" in text and "20 labelled training images" in text
+    assert "SMOKE" in text and "20 labelled training images" in text and "cannot test the claim: smoke" in text
     assert sweeps.series(results, "knn_acc", "views")[1][-1] == pytest.approx(20 * 2 / 1e6)

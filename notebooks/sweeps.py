@@ -285,7 +285,7 @@ class Decision(NamedTuple):
     difference: float  # mean(x) - mean(y)
     ci90: tuple | None  # the 90% interval of the difference: inside (-margin, margin) means "matches" (TOST at 5%)
     ci95: tuple | None  # the 95% interval: excluding 0 means "better" or "worse"
-    seeds: int | None  # inconclusive: the seeds per arm that would settle it if the difference and spread held
+    seeds: int | None  # inconclusive: the seeds per arm (up to 100) that would settle it if difference and spread held
 
 
 def settle(difference: float, half90: float, half95: float, margin: float | None) -> str:
@@ -295,7 +295,7 @@ def settle(difference: float, half90: float, half95: float, margin: float | None
     return ("better" if difference > 0 else "worse") if apart else "inconclusive"
 
 
-def decide(x, y, margin: float | None = MARGIN, most: int = 100) -> Decision:
+def decide(x, y, margin: float | None = MARGIN) -> Decision:
     """Two arms' seeds: the intervals of the difference of means (pooled standard deviation, Student's t) and the
     verdict. Without a margin there is no "matches"."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -308,7 +308,7 @@ def decide(x, y, margin: float | None = MARGIN, most: int = 100) -> Decision:
     word = settle(difference, *half, margin)
     seeds = None
     if word == "inconclusive":  # the first n seeds per arm at which the observed difference and spread would settle
-        seeds = next((n for n in range(max(len(x), len(y)) + 1, most + 1) if settle(
+        seeds = next((n for n in range(max(len(x), len(y)) + 1, 101) if settle(
             difference, *(t_quantile(p, 2 * n - 2) * sd * math.sqrt(2 / n) for p in (0.95, 0.975)), margin)
             != "inconclusive"), None)
     return Decision(word, difference, *((difference - h, difference + h) for h in half), seeds)
@@ -327,7 +327,7 @@ def verdict(x, y, percent: bool = True, margin: float | None = MARGIN) -> str:
         word = word.replace("the margin", f"the margin (±{scale * margin:.2f}{unit})")
     if d.word == "inconclusive":
         word += (f": about {d.seeds} seeds per arm would settle it if the difference and spread held" if d.seeds else
-                 ": no number of seeds would settle it if the difference held (it is about the margin)")
+                 ": more than 100 seeds per arm would be needed if the difference and spread held")
     return f"{text}: {word}"
 
 
@@ -398,8 +398,9 @@ def compare(a: list, b: list, key: str = "probe_acc", names=("A", "B")) -> str:
     """'A vs B' for two arms' runs: each arm's mean and seeds, the difference with its intervals, and the verdict (the
     margin applies to accuracies only)."""
     if not a or not b:
-        absent = " and ".join(name for name, runs in zip(names, (a, b)) if not runs)
-        return f"{names[0]} vs {names[1]}: {absent} has no runs in these results, so there is nothing to compare"
+        absent = [name for name, runs in zip(names, (a, b)) if not runs]
+        return (f"{names[0]} vs {names[1]}: {' and '.join(absent)} {'has' if len(absent) == 1 else 'have'} no runs in "
+                f"these results, so there is nothing to compare")
     x, y = ([final(r, key) for r in runs] for runs in (a, b))
     return (f"{names[0]} {show(x, key)} vs {names[1]} {show(y, key)}: "
             + verdict(x, y, is_percent(key), MARGIN if is_percent(key) else None))
@@ -499,9 +500,9 @@ def title(setting: str, results: dict) -> str:
 
     head = "SMOKE RUN (checks the code, NOT a result)" if setting == "smoke" else f"{setting} setting"
     train = values({r["data"]["train"] for r in results.values() if "data" in r} or {16_000})  # the pilot's
+    counts = {len(runs) for runs in by_arm(results).values()}
     return (f"{head}: {values({r['epochs'] for r in results.values()})} epochs, {train} labelled training images, "
-            f"{values({len(runs) for runs in by_arm(results).values()})} seeds per arm, "
-            f"{values({r['device'] for r in results.values()})}")
+            f"{values(counts)} seed{'s' * (counts != {1})} per arm, {values({r['device'] for r in results.values()})}")
 
 
 def describe(sweep: str, setting: str, results: dict) -> str:
@@ -518,7 +519,7 @@ def describe(sweep: str, setting: str, results: dict) -> str:
     counts, planned = {arm: len(runs) for arm, runs in by_arm(results).items()}, planned_arms(sweep, setting)
     short = [f"{arm_text(arm)}: {counts.get(arm, 0)} of {n}" for arm, n in planned.items() if counts.get(arm, 0) < n]
     if short:
-        lines.append(f"arms of the {setting if setting == 'smoke' else 'full'} plan short of seeds: " + "; ".join(short))
+        lines.append(f"arms of the {'smoke' if setting == 'smoke' else 'full'} plan short of seeds: {'; '.join(short)}")
     if extra := [arm_text(arm) for arm in counts if arm not in planned]:
         lines.append("arms not in the plan: " + "; ".join(extra))
 
@@ -532,10 +533,11 @@ def describe(sweep: str, setting: str, results: dict) -> str:
     full = [dict(config=asdict(cfg)) for _, _, cfg in plan(sweep, "full")]
     shown, want = ({what: values(lambda r: r["config"][key], runs) for key, what in keys.items()}
                    for runs in (results.values(), full))
-    lines.append("; ".join(f"{what} {v}" for what, v in shown.items()) + " (kNN every 0: after the last epoch only)")
+    settings = "; ".join(f"{what} {v}" for what, v in shown.items())
+    lines.append(settings.replace("kNN every 0;", "kNN after the last epoch only;"))
     departs = [f"{what} {v}, not {want[what]}" for what, v in shown.items() if what != "seeds" and v != want[what]]
     if setting == "smoke":
-        return "\n".join(lines)
+        departs = ["smoke runs only check the code"]
     departs += ["the pilot's 16,000-image subset, not all of CIFAR-10"] * (setting == "pilot")
     departs += [f"{len(short)} planned arms short of seeds"] * bool(short)
     departs += ["runs from several devices: their times are not comparable"] * ("/" in values(lambda r: r["device"]))
