@@ -65,7 +65,7 @@ PILOT = ("pilot: runs of an earlier ssl_min (NVIDIA H200, 26 Nov 2026) on 16,000
 # ---- The runs -------------------------------------------------------------------------------------------------------
 def arms(sweep: str, smoke: bool) -> tuple:
     """A sweep's arms as ssl_min options: (the headline pair, the controls, the other arms)."""
-    if sweep == "orthogonality":  # claim 1 (Table 1, Fig. 2): 2 views, batch 512, probe on clean features
+    if sweep == "orthogonality":  # claim 1 (Fig. 2): 2 views, batch 512, probe on clean features
         small, wide = (16, 64) if smoke else (128, 8192)
         return ([dict(proj_dim=small, beta=5 / small), dict(proj_dim=wide, beta=TUNED_WIDE)],
                 [dict(proj_dim=small, beta=FIXED_BETA), dict(proj_dim=wide, beta=FIXED_BETA)],  # failure, under-tuned
