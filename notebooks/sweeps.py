@@ -390,7 +390,7 @@ def is_percent(key: str) -> bool:
 def show(values, key: str) -> str:
     """An arm's values: the mean, and the seeds when there are several."""
     v, unit = (100 * np.asarray(values), "%") if is_percent(key) else (np.asarray(values), "")
-    seeds_text = f"1 seed" if len(v) == 1 else f"seeds {', '.join(f'{x:.2f}' for x in v)}"
+    seeds_text = "1 seed" if len(v) == 1 else f"seeds {', '.join(f'{x:.2f}' for x in v)}"
     return f"{v.mean():.2f}{unit} ({seeds_text})"
 
 
