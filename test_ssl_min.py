@@ -486,6 +486,13 @@ def test_readme_snippet_loads_your_runs_backbone(finished_run, monkeypatch):
     assert namespace["features"].shape == (8, 512) and torch.isfinite(namespace["features"]).all()
 
 
+def test_readme_results_say_not_measured_exactly_while_no_full_results_exist():
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("## Results"):text.index("## Set up")]
+    full = sorted((REPO / "notebooks" / "results").glob("*/full/*.json"))
+    assert ("not measured yet" in table) == (not full), "update the README's results table from the results"
+
+
 def test_help_shows_every_default_and_abbreviations_are_refused(capsys):
     with pytest.raises(SystemExit):
         ssl_min.cli(["--help"])
