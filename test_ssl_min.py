@@ -299,10 +299,11 @@ def test_barlow_at_two_views_equals_textbook_barlowtwins_in_value_and_gradient(b
     assert invariance.item() == pytest.approx(textbook_barlow(z[0], z[1], 0.0).item(), rel=1e-10)
 
 
-@pytest.mark.parametrize("d,beta", [(8, None), (32, None), (16, 0.01)])
-def test_vicreg_at_two_views_equals_textbook_vicreg_in_value_and_gradient(d, beta):
-    """beta = 1/(25 d) gives VICReg's own 25/25/1 weights; another beta maps to the covariance weight 25 beta d."""
-    z = embeddings(2, d=d)
+@pytest.mark.parametrize("d,beta,scale", [(8, None, 1.0), (32, None, 0.3), (16, 0.01, 0.5)])
+def test_vicreg_at_two_views_equals_textbook_vicreg_in_value_and_gradient(d, beta, scale):
+    """beta = 1/(25 d) gives VICReg's own 25/25/1 weights; another beta maps to the covariance weight 25 beta d.
+    At scale < 1 the embeddings' spread is below 1, where the variance hinge acts."""
+    z = scale * embeddings(2, d=d)
     beta = beta or ssl_min.default_beta(d, "vicreg")
     ours, ours_grad = value_and_gradient(lambda z: ssl_min.ssl_loss(z, beta, "vicreg")[0], z)
     reference, reference_grad = value_and_gradient(lambda z: textbook_vicreg(z[0], z[1], cov_coeff=25 * beta * d), z)
