@@ -4,7 +4,7 @@ A minimal, fast PyTorch reference implementation of A. Ghosh, K. K. Agrawal, S. 
 B. A. Richards, "Harnessing small projectors and multiple views for efficient vision pretraining", NeurIPS 2024
 (arXiv 2312.10725). BarlowTwins and VICReg learn the top eigenfunctions of the augmentation kernel; the paper rewrites
 their loss (Eq. 9-10) as the invariance of each view to the mean over the views (a Monte-Carlo estimate of the
-augmentation average, Eq. 8) plus an orthogonality constraint of strength beta. Hence a small projector (d = 128)
+augmentation average of Eq. 8) plus an orthogonality constraint of strength beta. Hence a small projector (d = 128)
 matches a large one when beta ~ 1/d, and more views per image learn faster.
 
 Read it top to bottom: config, data, augmentation, model, loss, training, evaluation, and main, which shows how a
@@ -239,11 +239,11 @@ def pixel_stats(images: torch.Tensor):
 # ==== The loss: each view invariant to the mean over views (Eq. 10), orthogonality of strength beta (Eq. 9) ==========
 # Notation: z [V, B, d] holds the embeddings of the V views (u, v) of a batch of B images; i, j index the d dimensions.
 def view_target(z: torch.Tensor) -> torch.Tensor:
-    """Tz_v = mean_{u != v} z_u: the mean over the other views, the Monte-Carlo estimate of the augmentation average
-    (Eq. 8) that view v is pulled to. Eq. 10 includes v in the mean; leaving it out rescales each view's invariance
-    term by ((V-1)/V)^2 (mean_all - z_v = (V-1)/V (Tz_v - z_v)): no minimizer of Eq. 9 changes, and in a Lagrangian
-    form it is a change of scale of beta, not a bias fix. At V = 2 it makes the target of a view the other view, as in
-    BarlowTwins, and the expected correlation of a view with its target does not depend on V, nor then does beta."""
+    """Tz_v = mean_{u != v} z_u, the target view v is pulled to: from the other views, a Monte-Carlo estimate of the
+    mean of z over the image's augmentations (the forward average, the adjoint of Eq. 8's T_M, equal to T_M z on a
+    reversible augmentation graph). Eq. 10 includes v in the mean; leaving it out rescales each view's invariance term
+    by ((V-1)/V)^2 (mean_all - z_v = (V-1)/V (Tz_v - z_v)): no minimizer of Eq. 9 changes; in a Lagrangian form it
+    rescales beta. At V = 2 the target of a view is the other view, exactly as in BarlowTwins."""
     return (z.sum(0, keepdim=True) - z) / (z.shape[0] - 1)
 
 
