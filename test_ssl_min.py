@@ -163,8 +163,8 @@ def test_bad_data_dirs_get_one_line_and_write_nothing(tmp_path, capsys):
 
 def test_no_internet_says_to_pass_data_dir_and_leaves_no_empty_folder(tmp_path):
     dead = "http://127.0.0.1:9"  # nothing listens there: the download fails at once, as offline
-    result = run("--out-dir", tmp_path / "out", env={"HOME": str(tmp_path), "http_proxy": dead, "https_proxy": dead,
-                                                     "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "no_proxy": "", "NO_PROXY": ""})
+    proxies = {name: dead for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    result = run("--out-dir", tmp_path / "out", env={"HOME": str(tmp_path), **proxies, "no_proxy": "", "NO_PROXY": ""})
     assert_one_line_error(result, "could not download CIFAR-10", "--data-dir")
     assert not (tmp_path / "out").exists() and not (tmp_path / ".cache").exists()
 
@@ -508,7 +508,8 @@ def test_help_shows_every_default_and_abbreviations_are_refused(capsys):
 
 BAD_OPTIONS = [(["--views", "1"], "at least 2"), (["--seed", "-1"], "from 0 to"), (["--lr", "inf"], "--lr"),
                (["--loss", "simclr"], "invalid choice"), (["--train-fraction", "1.5"], "to 1"),
-               (["--batch-size", "1"], "at least 2"), (["--beta", "nan"], "--beta"), (["--epochs", "two"], "invalid int")]
+               (["--batch-size", "1"], "at least 2"), (["--beta", "nan"], "--beta"),
+               (["--epochs", "two"], "invalid int")]
 
 
 @pytest.mark.parametrize("argv,words", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
@@ -717,7 +718,7 @@ def test_a_stop_keeps_the_last_epoch_and_the_resumed_run_ends_as_the_uninterrupt
         assert all(torch.equal(model[k], whole_ckpt["model"][k]) for k in model)
 
 
-# ---- The GPU paths: compile, no host sync, out of memory --------------------------------------------------------------
+# ---- The GPU paths: compile, no host sync, out of memory -------------------------------------------------------------
 @gpu
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_steps_match_eager_ones_and_evaluation_does_not_recompile(device, cifar_small, tmp_path,
@@ -791,7 +792,7 @@ dist.destroy_process_group()
 
 class TwoProcessStatistics(nn.Module):
     """One process computing what two CPU processes compute: the BatchNorm statistics of each process's half of the
-    batch (torch's SyncBatchNorm, which makes them the whole batch's, is CUDA-only), then the loss of the whole batch."""
+    batch (torch's SyncBatchNorm, which makes them the whole batch's, is CUDA-only), then the whole batch's loss."""
 
     def __init__(self, net, views):
         super().__init__()
@@ -846,7 +847,7 @@ def test_torchrun_command_line_runs_end_to_end_writes_once_and_refuses_another_p
     assert_one_line_error(run("--data-dir", cifar_small, *args, "--epochs", "3", "--out-dir", out), "processes")
 
 
-# ---- The sweeps (notebooks/sweeps.py): the verdict rule and its error rates -----------------------------------------------------------------------------------------------------
+# ---- The sweeps (notebooks/sweeps.py): the verdict rule and its error rates ------------------------------------------
 @pytest.mark.parametrize("p, df, value", [(0.95, 2, 2.920), (0.975, 4, 2.776), (0.975, 1, 12.706), (0.95, 10, 1.812),
                                           (0.975, 30, 2.042), (0.95, 60, 1.671), (0.975, 10_000, 1.960)])
 def test_t_quantile_known_values(p, df, value):
@@ -1103,7 +1104,7 @@ def test_full_data_counts_image_files_only(tmp_path, monkeypatch):
         sweeps.check_full_data(str(tmp_path))  # the .DS_Store does not make up for the missing image
 
 
-# ---- The command line --------------------------------------------------------------------------------------------------
+# ---- The command line ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [["queue", "--seconds", "nan"], ["queue", "--seconds", "inf"],
                                   ["queue", "--seconds", "0"], ["queue", "--seconds", "-5"],
                                   ["queue", "--seconds", "soon"], ["queue", "smoke"]])
