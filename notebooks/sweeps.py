@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ssl_min  # noqa: E402
+from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402  (the files ssl_min's image folders read)
 
 for folder in set(Path(tempfile.gettempdir()).glob("torchinductor_*")) - INDUCTOR:  # empty unless a run compiles
     with suppress(OSError):
@@ -54,7 +55,6 @@ RUNS = Path(__file__).resolve().parent.parent / "runs" / "sweeps"
 FIXED_BETA = 0.0004  # the usual BarlowTwins setting for every d (the paper's "fixed" baseline)
 TUNED_WIDE = 0.0008  # the authors' tuned beta at d = 8192 (beta d = 6.6): the wide reference at its best
 CIFAR10 = dict(train=50_000, test=10_000)
-IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 SMOKE = dict(subset=8, epochs=2, device="cpu", probe_views=2, eval_every=1)  # applied to every run of a smoke sweep
 PILOT = ("pilot: runs of an earlier ssl_min (NVIDIA H200, 26 Nov 2026) on 16,000 CIFAR-10 training images (the first "
          "1,600 files per class, not a random sample) and 5,000 test images; batch 512, one seed, 5 or 10 epochs, "
@@ -112,8 +112,8 @@ def plan(sweep: str, setting: str) -> list:
 def check_full_data(data_dir: str):
     """The full setting is all of CIFAR-10, never a part of it: count the image files of data_dir's splits."""
     if data_dir:
-        counts = {s: sum(Path(f).suffix.lower() in IMAGES for _, _, files in os.walk(Path(data_dir) / s) for f in files)
-                  for s in CIFAR10}
+        counts = {s: sum(Path(f).suffix.lower() in IMG_EXTENSIONS for _, _, files in os.walk(Path(data_dir) / s)
+                         for f in files) for s in CIFAR10}
         if counts != CIFAR10:
             raise ssl_min.UserError(f"the full setting needs all of CIFAR-10 ({CIFAR10} images); {data_dir} has "
                                     f"{counts}: point --data-dir at a complete copy")
