@@ -137,8 +137,8 @@ def load_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     ssl_images = train[class_balanced(train_y, cfg.seed, fraction=cfg.train_fraction)]  # labels never used
     if cfg.batch_size > len(ssl_images):  # an epoch would take no step, and the run would silently learn nothing
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(ssl_images)} pretraining images")
-    digest = hashlib.blake2b(digest_size=16)  # a checkpoint resumes only on the data it was trained on
-    for t in (ssl_images, train, train_y, test, test_y):
+    digest = hashlib.blake2b(digest_size=16)  # resume only on this data (the pretraining images follow from it)
+    for t in (train, train_y, test, test_y):
         digest.update(t.contiguous().numpy().tobytes())
     ssl_images = ssl_images[rank::world][:len(ssl_images) // world]  # torchrun: every process an equal share
     tensors = (t.contiguous().to(device) for t in (ssl_images, train, train_y, test, test_y))
