@@ -25,9 +25,18 @@ from PIL import Image
 import ssl_min
 
 REPO = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("sweeps", REPO / "notebooks" / "sweeps.py")  # the notebooks' runs
-sweeps = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sweeps)
+
+
+def load(path: Path):
+    """A module of this repository that is not on the Python path, by its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweeps = load(REPO / "notebooks" / "sweeps.py")  # the notebooks' runs
+throughput = load(REPO / "benchmarks" / "throughput.py")  # its autograd probe is the tests' reference too
 torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", "Unknown pytest.mark.gpu", pytest.PytestUnknownMarkWarning)  # no config file
 gpu = pytest.mark.gpu
@@ -388,25 +397,6 @@ def test_knn_votes_are_weighted_by_similarity():
     assert ssl_min.knn_accuracy(train_f, train_y, test_f, test_y, 2, k=3, temperature=100.0) == 0.0
 
 
-def autograd_probe(train_f, train_y, test_f, test_y, epochs, seed=0):
-    """The probe as the paper writes it: nn.Linear, F.cross_entropy with label smoothing, torch.optim.Adam."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
-    clf = nn.Linear(train_f.shape[1], int(train_y.max()) + 1).to(train_f.device)
-    nn.init.zeros_(clf.weight)
-    nn.init.zeros_(clf.bias)
-    optimizer = torch.optim.Adam(clf.parameters(), lr=1e-3, weight_decay=1e-6)
-    generator = torch.Generator(train_f.device).manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_f), generator=generator, device=train_f.device).split(512):
-            loss = nn.functional.cross_entropy(clf(train_f[idx]), train_y[idx], label_smoothing=0.1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        return (clf(test_f).argmax(1) == test_y).float().mean().item()
-
-
 @gpu
 @pytest.mark.parametrize("device", DEVICES)
 def test_lean_linear_probe_gives_the_autograd_probes_accuracy(device):
@@ -417,7 +407,7 @@ def test_lean_linear_probe_gives_the_autograd_probes_accuracy(device):
     train_f, train_y, test_f, test_y = (t.to(device) for t in (train_f, train_y, test_f, test_y))
     for epochs in (3, 20):
         lean = ssl_min.linear_probe(train_f, train_y, test_f, test_y, 10, epochs=epochs)
-        reference = autograd_probe(train_f, train_y, test_f, test_y, epochs)
+        reference = throughput.reference_probe(train_f, train_y, test_f, test_y, 10, epochs)
         assert abs(lean - reference) <= 2e-3 and 0.3 < lean < 0.9, (epochs, lean, reference)
 
 
