@@ -308,6 +308,16 @@ def effective_rank(z: torch.Tensor) -> float:
 
 
 # ==== Training ========================================================================================================
+def build(cfg: Config, images: torch.Tensor, device: torch.device):
+    """The network, initialized from cfg.seed, with the pixel statistics of the pretraining images, and its Adam."""
+    torch.manual_seed(cfg.seed)  # the initialization
+    net = SSLNet(cfg.proj_dim, *pixel_stats(images)).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # the layout of cuDNN's fastest convolutions
+        torch.backends.cudnn.benchmark = True
+    return net, torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, beta: float, loss: str):
     """One Adam step on views [V, B, 3, H, W] of a batch; returns [loss, invariance, orthogonality] on the device."""
     V, B = views.shape[:2]
@@ -440,12 +450,7 @@ def main(cfg: Config) -> dict:
         if cfg.batch_size % world:
             raise UserError(f"--batch-size {cfg.batch_size} must divide among the {world} processes")
     data = load_data(cfg, device, rank, world)
-    torch.manual_seed(cfg.seed)  # the initialization
-    net = SSLNet(cfg.proj_dim, *pixel_stats(data.ssl_images)).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)  # the layout of cuDNN's fastest convolutions
-        torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net, optimizer = build(cfg, data.ssl_images, device)
     generator = torch.Generator(device).manual_seed(cfg.seed + (rank << 32))  # batches, augmentations
     run = dict(config=asdict(cfg), data=data.fingerprint, device=device.type, processes=world)
     log = resume(out / "checkpoint.pt", run, net, optimizer, generator, rank) if not cfg.overwrite else []

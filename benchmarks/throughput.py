@@ -1,16 +1,10 @@
 """Throughput of ssl_min's batched augmentation against the usual per-sample DataLoader pipeline, of the training step
-fed by each (on CUDA also with fused Adam and compiled), of the lean linear probe against an autograd reference, and a
-per-phase profile of the step: all measured in this one run on one device. What each row measures: benchmarks/README.md.
-
-    python benchmarks/throughput.py --data-dir DIR --json out.json          # a GPU: batch 512
-    python benchmarks/throughput.py --quick --data-dir DIR --json out.json  # a CPU: batch 64, minutes on 2 cores
-    python benchmarks/throughput.py --smoke --json out.json                 # seconds: every code path, no result
+fed by each (on CUDA also compiled), of the lean linear probe against an autograd reference, and a per-phase profile
+of the step: all measured in this one run on one device. How to run it and what each row measures: benchmarks/README.md.
 """
 import argparse
 import json
-import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,38 +24,24 @@ PREFETCH = 2  # the DataLoader's default prefetch_factor; a wave is workers x PR
 USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 SETTINGS = dict(  # train_waves: the least waves of a window of the usual pipeline's training rows (augmentation: 10)
     full=dict(batch=512, aug_views=(2, 4), train_views=(4,), repeats=3, warmup=3, aug_calls=48, train_calls=24,
-              train_waves=10, worker_images=512, probe=(50_000, 10_000, 512, 1), profile_steps=5),
+              train_waves=10, probe=(50_000, 10_000, 512, 1), profile_steps=5),
     quick=dict(batch=64, aug_views=(2, 4), train_views=(2, 4), repeats=3, warmup=1, aug_calls=30, train_calls=2,
-               train_waves=0, worker_images=256, probe=(4096, 1024, 512, 3), profile_steps=2),
+               train_waves=0, probe=(4096, 1024, 512, 3), profile_steps=2),
     smoke=dict(batch=8, aug_views=(2,), train_views=(2,), repeats=2, warmup=1, aug_calls=2, train_calls=1,
-               train_waves=0, worker_images=16, probe=(512, 256, 32, 1), profile_steps=1),
+               train_waves=0, probe=(512, 256, 32, 1), profile_steps=1),
 )  # probe: (train samples, test samples, dimensions, repeats)
 
 
-def header(device: torch.device, workers: int) -> dict:
-    """ssl_min.provenance (commit, device, versions) with the CPU, CUDA, cuDNN, threads, load, date and command."""
-    info = ssl_min.provenance(device)
+def header(device: torch.device) -> dict:
+    """ssl_min.provenance (commit, device, versions) with the CPU, CUDA, cuDNN, torch's threads, date, command, load."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    info["cpu"] = dict(model=(models or [platform.processor() or platform.machine()])[0], cores=os.cpu_count(),
-                       usable_cores=USABLE_CORES)
-    info["versions"].update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if device.type == "cuda"
-                            else None)
-    info["threads"] = dict(torch_intra_op=torch.get_num_threads(), torch_interop=torch.get_num_interop_threads(),
-                           dataloader_workers=workers, dataloader_worker_threads=1,
-                           env={k: v for k, v in os.environ.items() if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
-    return dict(info, date=datetime.now().isoformat(timespec="seconds"), command=" ".join(["python", *sys.argv]),
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+    info = ssl_min.provenance(device)
+    info["versions"].update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return dict(info, cpu=dict(model=model, cores=os.cpu_count(), usable_cores=USABLE_CORES),
+                threads=dict(torch_intra_op=torch.get_num_threads(), torch_interop=torch.get_num_interop_threads()),
+                date=datetime.now().isoformat(timespec="seconds"), command=" ".join(["python", *sys.argv]),
                 load_average_start=os.getloadavg())
-
-
-def caption(h: dict) -> str:
-    v, t, load = h["versions"], h["threads"], "/".join(f"{x:.2f}" for x in h["load_average_start"])
-    if "wall_s" in h:
-        load += " -> " + "/".join(f"{x:.2f}" for x in h["load_average_end"]) + f" over the run's {h['wall_s']:.0f} s"
-    return (f"{h['date']}, commit {h['commit']}, {h['device']}; CPU {h['cpu']['model']} ({h['cpu']['cores']} cores, "
-            f"{h['cpu']['usable_cores']} usable); torch {v['torch']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}; threads: "
-            f"intra-op {t['torch_intra_op']}, inter-op {t['torch_interop']}, {t['dataloader_workers']} DataLoader "
-            f"workers x 1; load average (1/5/15 min) {load}")
 
 
 def sync(device: torch.device):
@@ -79,7 +59,8 @@ def seconds(fn, device: torch.device) -> float:
 
 def measure(step: str, pipeline: str, views: int, fn, device, s: dict, calls: int, drain=lambda: None) -> dict:
     """A row: views/s of `repeats` windows of `calls` calls of fn, after `warmup` calls and then drain()."""
-    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(s["warmup"]):
         fn()
     drain()
@@ -89,7 +70,7 @@ def measure(step: str, pipeline: str, views: int, fn, device, s: dict, calls: in
     print(f"  {step:12s} {pipeline:34s} V={views}  {statistics.median(rates):11,.0f} views/s", flush=True)
     return dict(step=step, pipeline=pipeline, views=views, batch=s["batch"], calls=calls, windows_s=times,
                 views_per_s=statistics.median(rates), views_per_s_min=min(rates), views_per_s_max=max(rates),
-                peak_mem_gib=peak, note=f"peak {peak:.1f} GiB" if peak else "")
+                peak_mem_gib=peak)
 
 
 def ssl_min_views(images: torch.Tensor, views: int, batch: int):
@@ -105,7 +86,8 @@ class MultiViewCIFAR(torch.utils.data.Dataset):
     """As torchvision.datasets.CIFAR10 with solo-learn's and lightly's multi-view transform: V transformed copies."""
 
     def __init__(self, images: torch.Tensor, views: int):
-        self.images, self.views = images.permute(0, 2, 3, 1).contiguous().numpy(), views  # uint8 [N, H, W, 3]
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # uint8 [N, H, W, 3]
+        self.views = views
         self.transform = T.Compose([
             T.RandomResizedCrop(self.images.shape[1], scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
@@ -119,21 +101,19 @@ class MultiViewCIFAR(torch.utils.data.Dataset):
         return torch.stack([self.transform(image) for _ in range(self.views)])  # uint8 [V, 3, H, W]
 
 
-def one_thread(worker_id: int):
-    torch.set_num_threads(1)  # what the DataLoader sets in its workers, made explicit
-
-
 class UsualPipeline:
     """The usual pipeline: calling it returns the next batch's views on the device; counts the seconds it waited."""
 
     def __init__(self, images: torch.Tensor, views: int, batch: int, device: torch.device, workers: int):
-        self.dataset, self.batch, self.device = MultiViewCIFAR(images, views), batch, device
-        self.wave, self.waited = workers * PREFETCH, 0.0
-        endless = torch.utils.data.RandomSampler(self.dataset, num_samples=2**40,  # epoch after epoch, one iterator
+        self.device = device
+        self.wave = workers * PREFETCH
+        self.waited = 0.0
+        dataset = MultiViewCIFAR(images, views)
+        endless = torch.utils.data.RandomSampler(dataset, num_samples=2**40,  # epoch after epoch, one iterator
                                                  generator=torch.Generator().manual_seed(0))
         self.batches = iter(torch.utils.data.DataLoader(
-            self.dataset, batch, sampler=endless, drop_last=True, num_workers=workers, prefetch_factor=PREFETCH,
-            pin_memory=device.type == "cuda", worker_init_fn=one_thread))
+            dataset, batch, sampler=endless, drop_last=True, num_workers=workers, prefetch_factor=PREFETCH,
+            pin_memory=device.type == "cuda"))  # the DataLoader sets one torch thread in each worker
 
     def __call__(self) -> torch.Tensor:
         tic = time.perf_counter()
@@ -141,96 +121,58 @@ class UsualPipeline:
         self.waited += time.perf_counter() - tic
         return x.to(self.device, non_blocking=True).transpose(0, 1).contiguous().float().div_(255)
 
-    def drain(self):
-        """Take the batches the workers made ahead during the warm-up: the timed ones are made while timed."""
+    def drain(self):  # take the batches made ahead during the warm-up: the timed ones are made while timed
         for _ in range(self.wave):
             self()
         self.waited = 0.0
 
-    def one_worker_views_per_s(self, images: int, repeats: int) -> float:
-        """One worker's work alone in this process: the transforms and the collation of whole batches."""
-        chunks = torch.randperm(len(self.dataset))[:max(images, self.batch)].split(self.batch)
-        work = lambda: [torch.utils.data.default_collate([self.dataset[i] for i in c.tolist()]) for c in chunks]
-        work()  # warm-up
-        views = sum(map(len, chunks)) * self.dataset.views
-        return statistics.median(views / seconds(work, torch.device("cpu")) for _ in range(repeats))
-
 
 class Trainer:
-    """SSLNet and Adam with ssl_min's defaults (as ssl_min.main sets them up); calling it runs ssl_min.train_step."""
+    """ssl_min.build's network and Adam at ssl_min's defaults; calling it runs one ssl_min.train_step."""
 
-    def __init__(self, images: torch.Tensor, views: int, batch: int, device: torch.device, compile=False, fused=None):
+    def __init__(self, images: torch.Tensor, views: int, batch: int, device: torch.device, compile=False):
         self.cfg = ssl_min.Config(views=views, batch_size=batch)
-        self.beta = ssl_min.default_beta(self.cfg.proj_dim, self.cfg.loss)
-        torch.manual_seed(self.cfg.seed)
-        self.net = ssl_min.SSLNet(self.cfg.proj_dim, *ssl_min.pixel_stats(images)).to(device)
-        if device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.adam(fused)
+        self.net, self.optimizer = ssl_min.build(self.cfg, images, device)
         if compile:
             self.net.compile()
 
-    def adam(self, fused):
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                          fused=fused)
-
     def __call__(self, views: torch.Tensor, model=None) -> torch.Tensor:
-        return ssl_min.train_step(model or self.net, self.optimizer, views, self.beta, self.cfg.loss)
+        beta = ssl_min.default_beta(self.cfg.proj_dim, self.cfg.loss)
+        return ssl_min.train_step(model or self.net, self.optimizer, views, beta, self.cfg.loss)
 
 
 def rows_for_views(images, cpu_images, views: int, device, s: dict, workers: int) -> list:
-    """ssl_min's rows (timed before the DataLoader's workers exist), then the usual pipeline's, for one V."""
+    """For one V: ssl_min's rows (on CUDA also the compiled step), timed before the DataLoader's workers exist, then
+    the usual pipeline's."""
     ssl = ssl_min_views(images, views, s["batch"])
     steps = ["augmentation"] * (views in s["aug_views"]) + ["train"] * (views in s["train_views"])
-    trainer = Trainer(images, views, s["batch"], device) if "train" in steps else None
-    feed = dict(augmentation=lambda next_views: next_views, train=lambda next_views: lambda: trainer(next_views()))
+    step = Trainer(images, views, s["batch"], device) if "train" in steps else None
+    feed = dict(augmentation=lambda next_views: next_views, train=lambda next_views: lambda: step(next_views()))
     calls = dict(augmentation=s["aug_calls"], train=s["train_calls"])
-    ssl_rows = [measure(step, "ssl_min", views, feed[step](lambda: next(ssl)), device, s, calls[step])
-                for step in steps]
-    usual, rows = UsualPipeline(cpu_images, views, s["batch"], device, workers), []
-    try:
-        one_worker = usual.one_worker_views_per_s(s["worker_images"], s["repeats"])
-        for step, ssl_row in zip(steps, ssl_rows):
-            waves = 10 if step == "augmentation" else s["train_waves"]
-            row = measure(step, f"usual ({workers} workers)", views, feed[step](usual), device, s,
-                          max(calls[step], waves * usual.wave), usual.drain)
-            waited = usual.waited / sum(row["windows_s"])
-            row.update(waves=row["calls"] / usual.wave, input_wait_share=waited, one_worker_views_per_s=one_worker)
-            row["note"] = "; ".join(x for x in (f"{row['waves']:.3g} waves a window, waiting for input {waited:.0%} "
-                                                f"of it", row["note"]) if x)
-            ssl_row.update(ratio=ssl_row["views_per_s"] / row["views_per_s"],
-                           workers_to_match=ssl_row["views_per_s"] / one_worker)
-            rows += [row, ssl_row]
-    finally:
-        usual.batches._shutdown_workers()  # the workers would otherwise live until the iterator is collected
-    return rows
-
-
-def extra_rows(images, views: int, device, s: dict, eager: dict, usual: dict) -> list:
-    """The step with fused Adam, and under net.compile() (its cold first call timed) with either Adam."""
-    ssl, rows = ssl_min_views(images, views, s["batch"]), []
-
-    def row(name: str, trainer: Trainer, note=""):
-        r = measure("train", f"ssl_min, {name}", views, lambda: trainer(next(ssl)), device, s, s["train_calls"])
-        r.update(ratio=r["views_per_s"] / usual["views_per_s"], vs_eager=r["views_per_s"] / eager["views_per_s"])
-        r["note"] = "; ".join(x for x in (f"{r['vs_eager']:.2f}x the eager step", note, r["note"]) if x)
-        rows.append(r)
-
-    row("fused Adam", Trainer(images, views, s["batch"], device, fused=True))
-    compiled = Trainer(images, views, s["batch"], device, compile=True)
-    with torch.compiler.config.patch(force_disable_caches=True):  # a cold compile, as a user's first run has it
-        compile_s = seconds(lambda: compiled(next(ssl)), device)
-    row("compiled", compiled, f"first call (compiles) {compile_s:.1f} s")
-    rows[-1]["first_call_s"] = compile_s
-    compiled.adam(fused=True)
-    row("compiled, fused Adam", compiled)
+    ssl_rows = [measure(name, "ssl_min", views, feed[name](lambda: next(ssl)), device, s, calls[name])
+                for name in steps]
+    rows = []
+    if device.type == "cuda" and step:  # the compiled step, as ssl_min.main runs it there (a CPU compiles for minutes)
+        compiled = Trainer(images, views, s["batch"], device, compile=True)
+        with torch.compiler.config.patch(force_disable_caches=True):  # a cold compile, as a user's first run has it
+            first_call_s = seconds(lambda: compiled(next(ssl)), device)
+        row = measure("train", "ssl_min, compiled", views, lambda: compiled(next(ssl)), device, s, s["train_calls"])
+        rows.append(dict(row, first_call_s=first_call_s, vs_eager=row["views_per_s"] / ssl_rows[-1]["views_per_s"]))
+    usual = UsualPipeline(cpu_images, views, s["batch"], device, workers)
+    for name, ssl_row in zip(steps, ssl_rows):
+        waves = 10 if name == "augmentation" else s["train_waves"]
+        row = measure(name, f"usual ({workers} workers)", views, feed[name](usual), device, s,
+                      max(calls[name], waves * usual.wave), usual.drain)
+        row.update(waves=row["calls"] / usual.wave, input_wait_share=usual.waited / sum(row["windows_s"]))
+        ssl_row["ratio"] = ssl_row["views_per_s"] / row["views_per_s"]
+        rows += [row, ssl_row]
+    usual.batches._shutdown_workers()  # the workers would otherwise live until the iterator is collected
     return rows
 
 
 def reference_probe(train_f, train_y, test_f, test_y, classes: int, epochs: int = 200, seed: int = 0) -> float:
-    """What ssl_min.linear_probe computes by hand, with autograd: nn.Linear from zero, cross-entropy with label
-    smoothing 0.1, torch.optim.Adam (lr 1e-3, weight decay 1e-6), batch 512 in the same seeded order, the same
-    standardization."""
+    """ssl_min.linear_probe written with autograd: nn.Linear from zero, cross-entropy with label smoothing 0.1,
+    torch.optim.Adam (lr 1e-3, weight decay 1e-6), batch 512 in the same seeded order, the same standardization."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x, x_test = (train_f - mean) / std, (test_f - mean) / std
     linear = nn.Linear(x.shape[1], classes).to(x.device)
@@ -253,8 +195,9 @@ def probe_rows(s: dict, device) -> list:
     train, test, dim, repeats = s["probe"]
     g = torch.Generator().manual_seed(0)
     y = torch.randint(10, (train + test,), generator=g)
-    f = 0.12 * math.sqrt(512 / dim) * torch.randn(10, dim, generator=g)[y] + torch.randn(train + test, dim, generator=g)
-    f, y = (f * (torch.rand(dim, generator=g) * 3 + 0.1) + torch.randn(dim, generator=g) * 5).to(device), y.to(device)
+    f = 0.12 * (512 / dim) ** 0.5 * torch.randn(10, dim, generator=g)[y] + torch.randn(train + test, dim, generator=g)
+    f = (f * (torch.rand(dim, generator=g) * 3 + 0.1) + torch.randn(dim, generator=g) * 5).to(device)
+    y = y.to(device)
     rows = []
     for name, probe in ("lean (ssl_min.linear_probe)", ssl_min.linear_probe), ("reference (autograd)", reference_probe):
         accuracy = []
@@ -270,7 +213,7 @@ def probe_rows(s: dict, device) -> list:
 
 def profile(images, device, s: dict) -> dict:
     """ms per step of each phase of ssl_min's default step (compiled on CUDA), the device synchronized at each phase's
-    end so that its time includes its device work; then torch.profiler's table of the top operations."""
+    end so that its time includes its device work."""
     views, steps, cuda = s["train_views"][0], s["profile_steps"], device.type == "cuda"
     trainer, ssl = Trainer(images, views, s["batch"], device, compile=cuda), ssl_min_views(images, views, s["batch"])
     phases, now = {}, [None, 0.0]  # seconds per phase; the phase under way and its start
@@ -291,50 +234,25 @@ def profile(images, device, s: dict) -> dict:
 
     for _ in range(s["warmup"] + 1):  # the first step compiles where the step is compiled
         trainer(next(ssl))
-    hooks = [trainer.optimizer.register_step_pre_hook(lambda *_: mark("optimizer step")),
-             trainer.optimizer.register_step_post_hook(lambda *_: mark())]
+    trainer.optimizer.register_step_pre_hook(lambda *_: mark("optimizer step"))
+    trainer.optimizer.register_step_post_hook(lambda *_: mark())
     for _ in range(steps):
         mark("augmentation")
         trainer(next(ssl), model)
-    for hook in hooks:
-        hook.remove()
-    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
-    with torch.profiler.profile(activities=activities) as prof:
-        seconds(lambda: [trainer(next(ssl)) for _ in range(steps)], device)
     total = sum(phases.values())
-    return dict(views=views, batch=s["batch"], steps=steps, compile=cuda,
-                phases=[dict(phase=p, ms_per_step=t * 1e3 / steps, share=t / total) for p, t in phases.items()],
-                top_ops=prof.key_averages().table(sort_by=f"self_{'cuda' if cuda else 'cpu'}_time_total",
-                                                  row_limit=12))
+    result = dict(views=views, batch=s["batch"], steps=steps, compile=cuda,
+                  phases=[dict(phase=p, ms_per_step=t * 1e3 / steps, share=t / total) for p, t in phases.items()])
+    print(f"  profile, V={views}, batch {s['batch']}, {'compiled' if cuda else 'eager'}: " + ", ".join(
+        f"{p['phase']} {p['ms_per_step']:.1f} ms ({p['share']:.0%})" for p in result["phases"]), flush=True)
+    return result
 
 
 def ratios(rows: list, probe: list) -> list:
-    lines = [f"{r['step']}, V={r['views']}: ssl_min / usual = {r['ratio']:.2f}x; the usual pipeline needs "
-             f"{r['workers_to_match']:.2g} workers to match ssl_min's {r['views_per_s']:,.0f} views/s"
-             for r in rows if r["pipeline"] == "ssl_min"]
-    lines += [f"train, V={r['views']}: {r['pipeline']} / eager = {r['vs_eager']:.2f}x" for r in rows if "vs_eager" in r]
+    lines = [f"{r['step']}, V={r['views']}: ssl_min / usual = {r['ratio']:.2f}x" for r in rows if "ratio" in r]
+    lines += [f"compiled / eager = {r['vs_eager']:.2f}x (the first call {r['first_call_s']:.0f} s)" for r in rows
+              if "vs_eager" in r]
     return lines + [f"linear probe ({probe[0]['problem']}): reference / lean = {probe[0]['ratio']:.2f}x; accuracy "
                     f"lean {probe[0]['accuracy']:.4%}, reference {probe[1]['accuracy']:.4%}"]
-
-
-def report(result: dict) -> str:
-    out = [caption(result["header"]), "", "| step | input pipeline | V | batch | views/s | min-max | ssl_min / usual "
-           "| usual workers to match | note |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in result["rows"]:
-        ratio, match = f"{r['ratio']:.1f}x" if "ratio" in r else "", f"{r.get('workers_to_match', 0):.2g}"
-        out.append(f"| {r['step']} | {r['pipeline']} | {r['views']} | {r['batch']} | {r['views_per_s']:,.0f} | "
-                   f"{r['views_per_s_min']:,.0f}-{r['views_per_s_max']:,.0f} | {ratio} | "
-                   f"{match if 'workers_to_match' in r else ''} | {r['note']} |")
-    out += ["", "| probe | seconds | min-max | accuracy | reference / lean | problem |",
-            "|---|---:|---:|---:|---:|---|"]
-    out += [f"| {r['probe']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
-            f"{r['accuracy']:.2%} | " + (f"{r['ratio']:.2f}x" if "ratio" in r else "") + f" | {r['problem']} |"
-            for r in result["probe"]]
-    p = result["profile"]
-    out += ["", f"Per-phase profile of the step: V={p['views']}, batch {p['batch']}, {p['steps']} step(s), "
-                f"{'compiled' if p['compile'] else 'eager'}", "", "| phase | ms per step | share |", "|---|---:|---:|"]
-    out += [f"| {r['phase']} | {r['ms_per_step']:.1f} | {r['share']:.1%} |" for r in p["phases"]]
-    return "\n".join(out + ["", p["top_ops"], "Ratios measured in this run:", *("- " + x for x in result["ratios"])])
 
 
 def main(argv=None) -> dict:
@@ -344,37 +262,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                         help="tiny sizes: seconds, to check that every code path runs (its numbers mean nothing)")
     parser.add_argument("--data-dir", default="", help="image folder with train/<class>/* (default: random images)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of this process (default 1)")
     parser.add_argument("--workers", type=int, default=USABLE_CORES, help="the usual pipeline's DataLoader workers")
     parser.add_argument("--views", type=int, nargs="+", help="V for every row (default: the setting's)")
-    parser.add_argument("--extras", action="store_true", help="on a CPU too: the fused Adam and compiled rows")
     parser.add_argument("--json", default="", help="write every number to this JSON file")
     args = parser.parse_args(argv)
-    if min(args.threads, args.workers) < 1 or min(args.views or [2]) < 2:
-        parser.error("--threads and --workers must be at least 1, --views at least 2")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no usable CUDA GPU")
-    cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
-    device, s = torch.device("cuda" if cuda else "cpu"), dict(SETTINGS[args.mode])
-    s.update(dict(aug_views=args.views, train_views=args.views) if args.views else {})
+    device, s = torch.device(args.device), dict(SETTINGS[args.mode])
+    if args.views:
+        s.update(aug_views=args.views, train_views=args.views)
     torch.set_num_threads(args.threads)
-    torch.backends.cudnn.benchmark = True  # as ssl_min.main on CUDA
-    start, h = time.perf_counter(), header(device, args.workers)
-    print(caption(h), flush=True)
+    start, h = time.perf_counter(), header(device)
+    print(json.dumps(h), flush=True)
     if args.data_dir:
         cpu_images, source = ssl_min.read_image_folder(Path(args.data_dir) / "train")[0], args.data_dir
     else:
-        cpu_images, source = torch.randint(0, 256, (max(1024, 4 * s["batch"]), 3, 32, 32), dtype=torch.uint8,
-                                           generator=torch.Generator().manual_seed(0)), "random uint8"
+        cpu_images = torch.randint(0, 256, (max(1024, 4 * s["batch"]), 3, 32, 32), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(0))
+        source = "random uint8"
     images, rows = cpu_images.to(device), []
     for views in sorted(set(s["aug_views"]) | set(s["train_views"])):
         rows += rows_for_views(images, cpu_images, views, device, s, args.workers)
-    rows.sort(key=lambda r: (r["step"] == "train", r["views"]))
-    if args.extras or cuda:
-        views = 4 if 4 in s["train_views"] else s["train_views"][0]
-        usual, eager = (r for r in rows if r["step"] == "train" and r["views"] == views)
-        rows += extra_rows(images, views, device, s, eager, usual)
     probe = probe_rows(s, device)
     result = dict(header=h, settings=dict(s, mode=args.mode, workers=args.workers, prefetch_factor=PREFETCH),
                   images=dict(count=len(images), shape=list(images.shape[1:]), source=source), rows=rows,
@@ -382,9 +290,9 @@ def main(argv=None) -> dict:
     h.update(load_average_end=os.getloadavg(), wall_s=time.perf_counter() - start)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    print("\n" + report(result) + "\n\n(--smoke: these numbers only show that every code path ran)" * (args.mode ==
-                                                                                                     "smoke"))
+        ssl_min.save_json(Path(args.json), result)
+    smoke = "  (--smoke: these numbers only show that every code path ran)" * (args.mode == "smoke")
+    print("Ratios measured in this run" + smoke + ":\n" + "\n".join("- " + x for x in result["ratios"]))
     return result
 
 
