@@ -505,7 +505,7 @@ def main(cfg: Config) -> dict:
                              test=len(data.test_images), image=list(data.train_images.shape[1:])),
                    processes=world, **info, config=asdict(cfg), log=log)
     if rank == 0:
-        save_json(out / "results.json", results)
+        write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
     say(f"linear probe: {final['probe_acc']:.2%} test top-1, kNN {final['knn_acc']:.2%}, effective rank "
         f"{final['erank']:.1f}; results in {out}")
     if world > 1:
@@ -556,10 +556,6 @@ def write_atomic(path: Path, content):
         tmp.unlink(missing_ok=True)
 
 
-def save_json(path: Path, obj):
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
 def provenance(device: torch.device) -> dict:
     """What produced a result: the device, the library versions and the git commit (+changes: uncommitted edits)."""
     git = ["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--abbrev=40", "--dirty=+changes"]
@@ -578,10 +574,8 @@ def cli(argv=None):
     parser.error = lambda message: parser.exit(2, f"ssl_min: error: {message} (see --help)\n")  # one line, no usage
     for f in fields(Config):
         kind = dict(type=next(iter(get_args(f.type)), f.type), default=f.default, choices=f.metadata["choices"])
-        if f.type is bool:
-            kind = dict(action="store_true")
-        elif f.type == bool | None:
-            kind = dict(action=argparse.BooleanOptionalAction, default=None)
+        if f.type in (bool, bool | None):
+            kind = dict(action=argparse.BooleanOptionalAction, default=f.default)
         shown = "" if f.default in ("", None) or f.default is False else " (default: %(default)s)"
         parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + shown, **kind)
     cfg = Config(**vars(parser.parse_args(argv)))

@@ -290,7 +290,7 @@ def main(argv=None) -> dict:
     h.update(load_average_end=os.getloadavg(), wall_s=time.perf_counter() - start)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        ssl_min.save_json(Path(args.json), result)
+        ssl_min.write_atomic(Path(args.json), json.dumps(result, indent=1) + "\n")
     smoke = "  (--smoke: these numbers only show that every code path ran)" * (args.mode == "smoke")
     print("Ratios measured in this run" + smoke + ":\n" + "\n".join("- " + x for x in result["ratios"]))
     return result

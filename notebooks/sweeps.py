@@ -139,10 +139,12 @@ def run_one(sweep: str, setting: str, name: str, cfg, data_dir: str, folder: Pat
     that cannot resume this run is said in one line, and the run is left out (None)."""
     print(f"--- {sweep}/{setting}/{name}", flush=True)
     out = RUNS / sweep / name  # an interrupted run resumes from its checkpoint here
+    finished = None if setting == "smoke" else read_results(out / "results.json")  # its results were not copied
     if setting == "smoke":
         with tempfile.TemporaryDirectory(prefix="ssl_min_smoke_") as tmp:
             results = ssl_min.main(replace(cfg, data_dir=data_dir, out_dir=tmp))
-    elif (results := read_results(out / "results.json")) is not None:  # finished, but its results were not copied
+    elif finished is not None:
+        results = finished
         free = ("data_dir", "device", "compile", "overwrite", "out_dir")  # what does not change the run
         if any(results["config"].get(k) != v for k, v in asdict(cfg).items() if k not in free):
             print(f"sweeps: {out} holds a finished run of another configuration: delete that folder to run {name}")
@@ -159,7 +161,7 @@ def run_one(sweep: str, setting: str, name: str, cfg, data_dir: str, folder: Pat
             print(f"sweeps: {sweep}/{name} not run: {str(e).split(';')[0]}; delete {out} to start it afresh")
             return None
     folder.mkdir(parents=True, exist_ok=True)
-    ssl_min.save_json(folder / f"{name}.json", results)
+    ssl_min.write_atomic(folder / f"{name}.json", json.dumps(results, indent=1) + "\n")
     if setting != "smoke":
         shutil.rmtree(out)  # only now: the results are saved, and the 135 MB checkpoint has done its job
     return results
@@ -520,7 +522,8 @@ def describe(sweep: str, setting: str, results: dict) -> str:
     short = [f"{arm_text(arm)}: {counts.get(arm, 0)} of {n}" for arm, n in planned.items() if counts.get(arm, 0) < n]
     if short:
         lines.append(f"arms of the {'smoke' if setting == 'smoke' else 'full'} plan short of seeds: {'; '.join(short)}")
-    if extra := [arm_text(arm) for arm in counts if arm not in planned]:
+    extra = [arm_text(arm) for arm in counts if arm not in planned]
+    if extra:
         lines.append("arms not in the plan: " + "; ".join(extra))
 
     def values(key, runs=results.values()):
