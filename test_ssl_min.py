@@ -51,12 +51,15 @@ def clean_temp_files(tmp_path_factory):
     shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
 
 
-def small_cifar10(root: Path, train: int, test: int) -> Path:
-    """A CIFAR-10 image folder of `train` and `test` random images per class, from SSL_MIN_DATA_DIR or the download."""
+@pytest.fixture(scope="session")
+def cifar_small(tmp_path_factory) -> Path:
+    """An image folder of 50 training and 30 test images per class of the real CIFAR-10, drawn at random from
+    SSL_MIN_DATA_DIR or the download."""
+    root = tmp_path_factory.mktemp("cifar10_small")
     rng = np.random.default_rng(0)
     source = Path(os.environ.get("SSL_MIN_DATA_DIR", "/nonexistent"))
     if (source / "train").is_dir():
-        for split, n in (("train", train), ("test", test)):
+        for split, n in (("train", 50), ("test", 30)):
             for cls in sorted(p.name for p in (source / split).iterdir()):
                 files = sorted((source / split / cls).iterdir())
                 (root / split / cls).mkdir(parents=True)
@@ -67,18 +70,12 @@ def small_cifar10(root: Path, train: int, test: int) -> Path:
         *splits, classes = ssl_min.download(Path.home() / ".cache" / "ssl_min")
     except ssl_min.UserError as e:
         pytest.skip(f"set SSL_MIN_DATA_DIR to a CIFAR-10 image folder ({e})")
-    for split, (images, labels), n in (("train", splits[:2], train), ("test", splits[2:], test)):
+    for split, (images, labels), n in (("train", splits[:2], 50), ("test", splits[2:], 30)):
         for c, cls in enumerate(classes):
             (root / split / cls).mkdir(parents=True)
             for i in sorted(rng.choice(np.flatnonzero(labels.numpy() == c), n, replace=False)):
                 Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(root / split / cls / f"{i}.png")
     return root
-
-
-@pytest.fixture(scope="session")
-def cifar_small(tmp_path_factory):
-    """50 training and 30 test images per class of the real CIFAR-10."""
-    return small_cifar10(tmp_path_factory.mktemp("cifar10_small"), train=50, test=30)
 
 
 def run(*args, env=None):
