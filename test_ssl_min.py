@@ -629,6 +629,12 @@ RESUME_ARGS = ["--subset", "10", "--views", "2", "--proj-dim", "32", "--batch-si
                "--eval-every", "1"]
 
 
+def catch_ctrl_c():
+    """In the run's process: Ctrl-C's signal handled, as in a terminal, even where these tests run in the background
+    (a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def comparable(log):
     return [{k: v for k, v in e.items() if k not in ("views_per_s", "time_s")} for e in log]
 
@@ -648,7 +654,8 @@ def test_a_stop_keeps_the_last_epoch_and_the_resumed_run_ends_as_the_uninterrupt
     device, whole, whole_ckpt = uninterrupted
     out, args = tmp_path / "stopped", ["--data-dir", cifar_small, *RESUME_ARGS, "--device", device]
     process = subprocess.Popen([sys.executable, str(REPO / "ssl_min.py"), *map(str, args), "--out-dir", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               preexec_fn=catch_ctrl_c)
     deadline = time.time() + 600
     while not (out / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
