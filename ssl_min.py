@@ -505,7 +505,7 @@ def main(cfg: Config) -> dict:
                              test=len(data.test_images), image=list(data.train_images.shape[1:])),
                    processes=world, **info, config=asdict(cfg), log=log)
     if rank == 0:
-        write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+        write_atomic(out / "results.json", results)
     say(f"linear probe: {final['probe_acc']:.2%} test top-1, kNN {final['knn_acc']:.2%}, effective rank "
         f"{final['erank']:.1f}; results in {out}")
     if world > 1:
@@ -544,13 +544,13 @@ def say(text: str):
 
 
 def write_atomic(path: Path, content):
-    """Write text or a state dict to a temporary file renamed over `path`: a crash leaves no half-written file."""
+    """A state dict (a .pt path), text or JSON to a temporary file renamed over `path`: never a half-written path."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        if isinstance(content, str):
-            tmp.write_text(content)
-        else:
+        if path.suffix == ".pt":
             torch.save(content, tmp)
+        else:  # text, or anything else as JSON
+            tmp.write_text(content if isinstance(content, str) else json.dumps(content, indent=1) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -132,13 +132,13 @@ class Trainer:
 
     def __init__(self, images: torch.Tensor, views: int, batch: int, device: torch.device, compile=False):
         self.cfg = ssl_min.Config(views=views, batch_size=batch)
+        self.beta = ssl_min.default_beta(self.cfg.proj_dim, self.cfg.loss)
         self.net, self.optimizer = ssl_min.build(self.cfg, images, device)
         if compile:
             self.net.compile()
 
     def __call__(self, views: torch.Tensor, model=None) -> torch.Tensor:
-        beta = ssl_min.default_beta(self.cfg.proj_dim, self.cfg.loss)
-        return ssl_min.train_step(model or self.net, self.optimizer, views, beta, self.cfg.loss)
+        return ssl_min.train_step(model or self.net, self.optimizer, views, self.beta, self.cfg.loss)
 
 
 def rows_for_views(images, cpu_images, views: int, device, s: dict, workers: int) -> list:
@@ -146,13 +146,13 @@ def rows_for_views(images, cpu_images, views: int, device, s: dict, workers: int
     the usual pipeline's."""
     ssl = ssl_min_views(images, views, s["batch"])
     steps = ["augmentation"] * (views in s["aug_views"]) + ["train"] * (views in s["train_views"])
-    step = Trainer(images, views, s["batch"], device) if "train" in steps else None
-    feed = dict(augmentation=lambda next_views: next_views, train=lambda next_views: lambda: step(next_views()))
+    trainer = Trainer(images, views, s["batch"], device) if "train" in steps else None
+    feed = dict(augmentation=lambda next_views: next_views, train=lambda next_views: lambda: trainer(next_views()))
     calls = dict(augmentation=s["aug_calls"], train=s["train_calls"])
     ssl_rows = [measure(name, "ssl_min", views, feed[name](lambda: next(ssl)), device, s, calls[name])
                 for name in steps]
     rows = []
-    if device.type == "cuda" and step:  # the compiled step, as ssl_min.main runs it there (a CPU compiles for minutes)
+    if device.type == "cuda" and trainer is not None:  # compiled, as main runs it there (on a CPU: minutes)
         compiled = Trainer(images, views, s["batch"], device, compile=True)
         with torch.compiler.config.patch(force_disable_caches=True):  # a cold compile, as a user's first run has it
             first_call_s = seconds(lambda: compiled(next(ssl)), device)
@@ -290,7 +290,7 @@ def main(argv=None) -> dict:
     h.update(load_average_end=os.getloadavg(), wall_s=time.perf_counter() - start)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        ssl_min.write_atomic(Path(args.json), json.dumps(result, indent=1) + "\n")
+        ssl_min.write_atomic(Path(args.json), result)
     smoke = "  (--smoke: these numbers only show that every code path ran)" * (args.mode == "smoke")
     print("Ratios measured in this run" + smoke + ":\n" + "\n".join("- " + x for x in result["ratios"]))
     return result

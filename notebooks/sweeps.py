@@ -161,7 +161,7 @@ def run_one(sweep: str, setting: str, name: str, cfg, data_dir: str, folder: Pat
             print(f"sweeps: {sweep}/{name} not run: {str(e).split(';')[0]}; delete {out} to start it afresh")
             return None
     folder.mkdir(parents=True, exist_ok=True)
-    ssl_min.write_atomic(folder / f"{name}.json", json.dumps(results, indent=1) + "\n")
+    ssl_min.write_atomic(folder / f"{name}.json", results)
     if setting != "smoke":
         shutil.rmtree(out)  # only now: the results are saved, and the 135 MB checkpoint has done its job
     return results
