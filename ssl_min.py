@@ -3,12 +3,10 @@
 A minimal, fast PyTorch reference implementation of A. Ghosh, K. K. Agrawal, S. Sodhani, A. M. Oberman and
 B. A. Richards, "Harnessing small projectors and multiple views for efficient vision pretraining", NeurIPS 2024
 (arXiv 2312.10725). BarlowTwins and VICReg learn the top eigenfunctions of the augmentation kernel; the paper rewrites
-their loss (Eq. 9-10) as the invariance of each view to the mean over the views (a Monte-Carlo estimate of the
-augmentation average of Eq. 8) plus an orthogonality constraint of strength beta. Hence a small projector (d = 128)
-matches a large one when beta ~ 1/d, and more views per image learn faster.
-
-Read it top to bottom: config, data, augmentation, model, loss, training, evaluation, and main, which shows how a
-run saves, resumes, compiles and goes data-parallel; the run bookkeeping at the end can be skipped.
+their loss (Eq. 9-10) as the invariance of each view to the mean over the views (a Monte-Carlo estimate of Eq. 8's
+augmentation average) plus an orthogonality constraint of strength beta: a small projector (d = 128) matches a large
+one when beta ~ 1/d, and more views per image learn faster. Read it top to bottom: the method in the paper's order,
+then main (how a run saves, resumes, compiles and goes data-parallel); the run bookkeeping at the end can be skipped.
 
     python ssl_min.py --views 4 --proj-dim 128                      # a CUDA GPU: CIFAR-10 (downloaded), 100 epochs
     python ssl_min.py --data-dir DIR --subset 50 --epochs 2 --views 2 --batch-size 100   # a CPU check, minutes
@@ -24,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import get_args
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.distributed.nn.functional import all_gather  # differentiable: its backward pass sums the gradients
+from torchvision.models.resnet import BasicBlock
+from torchvision.transforms.v2.functional import rgb_to_grayscale as gray  # ITU-R 601 luma, on batches
 
 
 # ==== Config ==========================================================================================================
@@ -50,21 +51,20 @@ class Config:
     proj_dim: int = option(128, "projector width d (hidden and output)", low=1)
     beta: float | None = option(None, "orthogonality strength (default: 5/d for barlow, 1/(25 d) for vicreg)", low=0)
     loss: str = option("barlow", "the Lagrangian form of the reformulated loss", choices=("barlow", "vicreg"))
-    # Data
+    width: int = option(64, "ResNet-18's first-stage channels, 8 x width features (64: the standard network)", low=1)
+    # Then the data, the paper's Adam (no schedule), the evaluation and the run
     data_dir: str = option("", "image folder with train/<class>/ and test/<class>/ (default: CIFAR-10, downloaded)")
     subset: int = option(0, "keep this many random images per class of every split (0: all), for quick runs", low=0)
     train_fraction: float = option(1.0, "seeded, class-balanced share of the training images to pretrain on", 1e-6, 1)
-    # Optimization: the paper's Adam, no schedule
     epochs: int = option(100, "pretraining epochs", low=1)
     batch_size: int = option(512, "images per step, each in V views (split among torchrun's processes)", low=2)
     lr: float = option(1e-3, "Adam learning rate", low=0)
     weight_decay: float = option(1e-6, "Adam weight decay", low=0)
-    # Evaluation
     probe_views: int = option(1, "views averaged per image for the probe's features: 1 clean + (n-1) augmented", low=1)
     eval_every: int = option(10, "kNN accuracy and effective rank every this many epochs (0: after the last)", low=0)
-    # The run
     seed: int = option(0, "seed of the initialization, the subsets, the batches and the augmentations", 0, 2 ** 32 - 1)
-    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N",
+                         choices=("cpu", "cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))))
     out_dir: str = option("", "folder for log.jsonl, checkpoint.pt, results.json (default: runs/<data>-v<V>-d<d>-...)")
     compile: bool | None = option(None, "torch.compile the network (default: on one CUDA GPU; pays off in ~25 epochs)")
     overwrite: bool = option(False, "start again in --out-dir, replacing its run once the new run has saved an epoch")
@@ -113,6 +113,13 @@ def download(root: Path):
     return *tensors[0], *tensors[1], splits[0].classes
 
 
+def canonical(images: torch.Tensor, labels: torch.Tensor):
+    """Images and labels in the order of a hash of their pixels: the download and an image folder list CIFAR-10 in
+    other orders, and this makes the seeded subsets and batches the same images whichever way the data came."""
+    order = np.argsort([hashlib.blake2b(x.numpy().tobytes()).hexdigest() for x in images], kind="stable")
+    return images[order], labels[order]
+
+
 def class_balanced(labels: torch.Tensor, seed: int, fraction: float = 1.0, per_class: int = 0) -> torch.Tensor:
     """Sorted indices of a seeded random `fraction` (or `per_class` images) of every class (the authors': unseeded)."""
     rng = np.random.default_rng(seed)
@@ -127,10 +134,15 @@ def class_balanced(labels: torch.Tensor, seed: int, fraction: float = 1.0, per_c
 
 def load_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> Data:
     if cfg.data_dir:
-        train, train_y, classes = read_image_folder(Path(cfg.data_dir) / "train")
-        test, test_y, _ = read_image_folder(Path(cfg.data_dir) / "test")
+        try:
+            train, train_y, classes = read_image_folder(Path(cfg.data_dir) / "train")
+            test, test_y, _ = read_image_folder(Path(cfg.data_dir) / "test")
+        except OSError as e:  # missing, empty or unreadable: say what the folder must hold
+            raise UserError(f"--data-dir {cfg.data_dir} must hold {Path(cfg.data_dir) / 'train'}/<class>/*.png and "
+                            f"{Path(cfg.data_dir) / 'test'}/<class>/*.png ({e})") from None
     else:
         train, train_y, test, test_y, classes = download(Path.home() / ".cache" / "ssl_min")
+    (train, train_y), (test, test_y) = canonical(train, train_y), canonical(test, test_y)
     if cfg.subset:
         train_keep, test_keep = (class_balanced(y, cfg.seed, per_class=cfg.subset) for y in (train_y, test_y))
         train, train_y, test, test_y = train[train_keep], train_y[train_keep], test[test_keep], test_y[test_keep]
@@ -147,33 +159,15 @@ def load_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
 
 # ==== Multi-view augmentation: batched, every image and view draws its own parameters, on the device ==================
 # torchvision's transforms draw one set of parameters per call, so on a batch every image would get the same crop.
-def gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601, as torchvision
-
-
-def hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of images x [n, 3, H, W] in [0, 1] by h [n] turns, in HSV space as torchvision's adjust_hue."""
-    r, g, b = x.unbind(1)
-    top, bottom = x.amax(1), x.amin(1)
-    delta = top - bottom  # HSV value * saturation
-    # Hue in sixths of a turn: which channel is the largest picks the sector, the other two the place in it.
-    sector = torch.where(top == r, g - b, torch.where(top == g, b - r + 2 * delta, r - g + 4 * delta))
-    hue = sector / delta.clamp_min(1e-8) + 6 * h.view(-1, 1, 1)
-    k = torch.stack([(hue + 5) % 6, (hue + 3) % 6, (hue + 1) % 6], 1)  # HSV -> RGB, channel by channel
-    return top.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
 def augment(images: torch.Tensor, views: int, generator: torch.Generator, scale=(0.08, 1.0), p_gray: float = 0.2):
-    """`views` augmented views of every image: uint8 [B, 3, H, W] -> float [views, B, 3, H, W] in [0, 1]:
-    random resized crop (area `scale`, aspect 3/4-4/3) and horizontal flip in one resampling, colour jitter with
-    p 0.8 (brightness, contrast, saturation 0.4, hue 0.1, in this fixed order), grayscale with p `p_gray`.
-    """
+    """`views` augmented views of every image: uint8 [B, 3, H, W] -> float [views, B, 3, H, W] in [0, 1]: random resized
+    crop (area `scale`, aspect 3/4-4/3) and horizontal flip in one resampling, colour jitter with p 0.8 (brightness,
+    contrast, saturation 0.4, in this order; hue 0 as in the authors' CIFAR code), grayscale with p `p_gray`."""
     B, _, H, W = images.shape
     n = views * B  # every view of every image draws its own parameters
-    device = images.device
 
     def uniform(low=0.0, high=1.0):  # one draw for every view of every image
-        return low + (high - low) * torch.rand(n, generator=generator, device=device)
+        return low + (high - low) * torch.rand(n, generator=generator, device=images.device)
 
     x = images.float().div(255).repeat(views, 1, 1, 1)  # [views * B, 3, H, W], view-major
     # Crop: the area fraction and log-aspect are uniform as in torchvision; sides are clamped to the image instead
@@ -195,22 +189,28 @@ def augment(images: torch.Tensor, views: int, generator: torch.Generator, scale=
     x = ((x - mean) * contrast + mean).clamp(0, 1)
     grayscale = gray(x)
     x = ((x - grayscale) * saturation + grayscale).clamp(0, 1)
-    x = hue_shift(x, torch.where(jitter, uniform(-0.1, 0.1), 0.0))
     x = torch.where((uniform() < p_gray).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
     return x.view(views, B, 3, H, W)
 
 
 # ==== Model: the backbone f (ResNet-18) and the projector g; embeddings z = g(f(x)) ===================================
 class ResNet18(nn.Module):
-    """ResNet-18 with the CIFAR stem (3x3 convolution, stride 1, no max-pool); 512-d features after average pooling."""
+    """ResNet-18 with the CIFAR stem (3x3 convolution, stride 1, no max-pool), then four stages of two BasicBlocks with
+    1, 2, 4, 8 x width channels (all but the first halve the resolution): 8 x width features, 512 at the standard 64."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, width: int = 64):
         super().__init__()
         self.register_buffer("mean", mean.view(1, 3, 1, 1))  # the pretraining images' statistics, kept with the weights
         self.register_buffer("std", std.view(1, 3, 1, 1))
-        self.net = torchvision.models.resnet18()
-        self.net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-        self.net.maxpool, self.net.fc = nn.Identity(), nn.Identity()
+        c = [width, width, 2 * width, 4 * width, 8 * width]  # the stem's channels, then each stage's
+        layers = OrderedDict(conv1=nn.Conv2d(3, width, 3, 1, 1, bias=False), bn1=nn.BatchNorm2d(width), relu=nn.ReLU())
+        for i, stride in enumerate((1, 2, 2, 2), start=1):  # torchvision's names: its ResNet-18 weights load at 64
+            shortcut = None if i == 1 else nn.Sequential(  # a strided 1x1 convolution to the block's new shape
+                nn.Conv2d(c[i - 1], c[i], 1, stride, bias=False), nn.BatchNorm2d(c[i]))
+            layers[f"layer{i}"] = nn.Sequential(BasicBlock(c[i - 1], c[i], stride, shortcut), BasicBlock(c[i], c[i]))
+        self.net = nn.Sequential(OrderedDict(**layers, avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
+        for conv in (m for m in self.modules() if isinstance(m, nn.Conv2d)):  # torchvision's initialization
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):  # x: float images in [0, 1]
         return self.net((x - self.mean) / self.std)
@@ -220,42 +220,33 @@ class SSLNet(nn.Module):
     """The backbone and the projector: Linear (no bias) - BatchNorm - ReLU - Linear, hidden width = output width = d,
     as in the paper. The last layer has no bias either: the batch standardization in the loss would remove it."""
 
-    def __init__(self, proj_dim: int, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, proj_dim: int, mean: torch.Tensor, std: torch.Tensor, width: int = 64):
         super().__init__()
-        self.backbone = ResNet18(mean, std)
-        self.projector = nn.Sequential(nn.Linear(512, proj_dim, bias=False), nn.BatchNorm1d(proj_dim),
+        self.backbone = ResNet18(mean, std, width)
+        self.projector = nn.Sequential(nn.Linear(8 * width, proj_dim, bias=False), nn.BatchNorm1d(proj_dim),
                                        nn.ReLU(inplace=True), nn.Linear(proj_dim, proj_dim, bias=False))
 
     def forward(self, x):
         return self.projector(self.backbone(x))
 
 
-def pixel_stats(images: torch.Tensor):
-    """Per-channel mean and std of uint8 images [N, 3, H, W], from a spread sample of at most ~4096 of them."""
-    pixels = images[:: max(1, len(images) // 4096)].float() / 255
-    return pixels.mean((0, 2, 3)), pixels.std((0, 2, 3)).clamp_min(1 / 255)  # a constant channel must not divide by 0
-
-
 # ==== The loss: each view invariant to the mean over views (Eq. 10), orthogonality of strength beta (Eq. 9) ==========
 # Notation: z [V, B, d] holds the embeddings of the V views (u, v) of a batch of B images; i, j index the d dimensions.
 def view_target(z: torch.Tensor) -> torch.Tensor:
-    """Tz_v = mean_{u != v} z_u, the target view v is pulled to: from the other views, a Monte-Carlo estimate of the
-    mean of z over the image's augmentations (the forward average, the adjoint of Eq. 8's T_M, equal to T_M z on a
-    reversible augmentation graph). Eq. 10 includes v in the mean; leaving it out rescales each view's invariance term
-    by ((V-1)/V)^2 (mean_all - z_v = (V-1)/V (Tz_v - z_v)): no minimizer of Eq. 9 changes; in a Lagrangian form it
-    rescales beta. At V = 2 the target of a view is the other view, exactly as in BarlowTwins."""
+    """Tz_v = mean_{u != v} z_u, the target of view v: a Monte-Carlo estimate of the mean of z over the image's
+    augmentations (the forward average, the adjoint of Eq. 8's T_M; T_M z on a reversible augmentation graph). Eq. 10
+    includes v in the mean: that rescales each view's invariance term by ((V-1)/V)^2 and changes no minimizer of Eq. 9
+    (a change of scale of beta in a Lagrangian form). At V = 2 it is the other view, as in BarlowTwins."""
     return (z.sum(0, keepdim=True) - z) / (z.shape[0] - 1)
 
 
 def barlow_loss(z: torch.Tensor, beta: float):
     """BarlowTwins' Lagrangian form of Eq. 9-10 for V views; returns (invariance, orthogonality).
-
     f_v is z_v standardized over the batch (mean 0, variance 1 in each dimension: the normalization (f_i, f_i) = 1);
     C_v = f_v^T Tf_v / B is the d x d cross-correlation of view v with its target, so the cost is linear in V.
         invariance    = mean_v sum_i (1 - C_v,ii)^2          (Eq. 10: each view agrees with the mean of the views)
         orthogonality = beta mean_v sum_{i != j} C_v,ij^2    (Eq. 9's constraint (f_i, f_j) = 0, as a penalty)
-    At V = 2, Tf_1 = f_2 and C_2 = C_1^T: exactly the BarlowTwins loss with lambda = beta.
-    """
+    At V = 2, Tf_1 = f_2 and C_2 = C_1^T: exactly the BarlowTwins loss with lambda = beta."""
     B = z.shape[1]
     f = (z - z.mean(1, keepdim=True)) / (z.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()  # as BatchNorm
     C = f.transpose(1, 2) @ view_target(f) / B  # [V, d, d]
@@ -273,9 +264,7 @@ def vicreg_loss(z: torch.Tensor, beta: float):
         invariance    = lambda mean ||z_v - Tz_v||^2
         orthogonality = mu mean_v,i relu(1 - std_v,i)  +  nu 2 mean_v sum_{i != j} Cov_v,ij^2 / d
     with nu = lambda beta d (the paper reads VICReg's orthogonality strength as beta = nu / (lambda d)). VICReg averages
-    the variance over its two branches but sums the covariance, hence 2 mean_v. At V = 2, beta = 1/(25 d) gives
-    VICReg's own weights 25/25/1.
-    """
+    the variance over its branches but sums the covariance, hence 2 mean_v; beta = 1/(25 d) gives its 25/25/1."""
     B, d = z.shape[1:]
     invariance = VICREG_LAMBDA * (z - view_target(z)).pow(2).mean()
     centred = z - z.mean(1, keepdim=True)
@@ -289,14 +278,13 @@ def vicreg_loss(z: torch.Tensor, beta: float):
 
 def ssl_loss(z: torch.Tensor, beta: float, loss: str = "barlow"):
     """The multi-view loss of embeddings z [V, B, d]; returns (total, invariance, orthogonality)."""
-    z = z.to(torch.promote_types(z.dtype, torch.float32))  # correlations in bf16 are too coarse
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # correlations in bf16 or float16 are too coarse
     invariance, orthogonality = {"barlow": barlow_loss, "vicreg": vicreg_loss}[loss](z, beta)
     return invariance + orthogonality, invariance, orthogonality
 
 
 def default_beta(d: int, loss: str) -> float:
-    """barlow: 5/d, the authors' tuned BarlowTwins beta for small projectors (README, "The method"); vicreg: 1/(25 d),
-    VICReg's own 25/25/1 weights."""
+    """barlow: 5/d, the authors' tuned beta for small projectors (README, "The method"); vicreg: its own 25/25/1."""
     return 5 / d if loss == "barlow" else 1 / (VICREG_LAMBDA * d)
 
 
@@ -308,34 +296,48 @@ def effective_rank(z: torch.Tensor) -> float:
 
 
 # ==== Training ========================================================================================================
+def precision(device: torch.device) -> torch.dtype:
+    """The autocast dtype of training and evaluation, decided here: bf16 where the GPU computes it natively (compute
+    capability 8.0+: A100, RTX 30xx, H100), else float16 with a gradient scaler (T4, V100, RTX 20xx); float32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def build(cfg: Config, images: torch.Tensor, device: torch.device):
-    """The network, initialized from cfg.seed, with the pixel statistics of the pretraining images, and its Adam."""
+    """The network, initialized from cfg.seed, with the per-channel pixel mean and std (at least 1/255) of ~4096 of the
+    pretraining images, its Adam, and the gradient scaler of float16 (a no-op in other precisions)."""
     torch.manual_seed(cfg.seed)  # the initialization
-    net = SSLNet(cfg.proj_dim, *pixel_stats(images)).to(device)
+    pixels = images[:: max(1, len(images) // 4096)].float() / 255
+    net = SSLNet(cfg.proj_dim, pixels.mean((0, 2, 3)), pixels.std((0, 2, 3)).clamp_min(1 / 255), cfg.width).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # the layout of cuDNN's fastest convolutions
         torch.backends.cudnn.benchmark = True
-    return net, torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    float16 = precision(device) == torch.float16  # fused Adam reads the scaler's overflow flag on the GPU: no host sync
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=float16 or None)
+    return net, optimizer, torch.amp.GradScaler(device.type, enabled=float16)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, beta: float, loss: str):
+def train_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler, views: torch.Tensor, beta: float, loss: str):
     """One Adam step on views [V, B, 3, H, W] of a batch; returns [loss, invariance, orthogonality] on the device."""
     V, B = views.shape[:2]
     x = views.flatten(0, 1)  # view-major [V * B, 3, H, W]: one forward pass for all views
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # bf16 on the GPU, float32 on the CPU
+    dtype = precision(x.device)
+    with torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32):
         z = model(x).view(V, B, -1)
     if dist.is_initialized():  # torchrun: every process computes the whole batch's loss from all its parts [V, b, d]
         z = torch.cat(all_gather(z), 1)  # the gradients of its own part come back to each (DDP then averages)
     total, invariance, orthogonality = ssl_loss(z, beta, loss)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
+    scaler.scale(total).backward()  # float16: the loss scaled up, so that small gradients do not flush to zero
+    scaler.step(optimizer)  # float16: unscales, and skips the step if a gradient overflowed
+    scaler.update()  # float16: a smaller scale after an overflow, a larger one after 2000 steps without
     return torch.stack([total, invariance, orthogonality]).detach()
 
 
-def pretrain(cfg: Config, net: SSLNet, model: nn.Module, optimizer, generator, data: Data, first_epoch: int, save):
+def pretrain(cfg: Config, net: SSLNet, model: nn.Module, optimizer, scaler, generator, data: Data, first_epoch, save):
     """Every epoch the images in a new random order; every step V views of a batch, the loss and an Adam step.
     `model` is `net` as trained (compiled, or wrapped for several processes); `save(entry)` ends every epoch."""
     batch = cfg.batch_size // (dist.get_world_size() if dist.is_initialized() else 1)  # this process's part
@@ -347,14 +349,15 @@ def pretrain(cfg: Config, net: SSLNet, model: nn.Module, optimizer, generator, d
         for step in range(steps):
             images = data.ssl_images[order[step * batch:(step + 1) * batch]]
             views = augment(images, cfg.views, generator)
-            losses[step] = train_step(model, optimizer, views, cfg.beta, cfg.loss)
-        bad = (~losses.isfinite().all(1)).nonzero()  # the epoch's one host sync; a bad epoch is not saved
-        if len(bad):
-            raise FloatingPointError(f"the loss became non-finite at epoch {epoch}, step {bad[0].item() + 1}: lower "
-                                     f"--beta or --lr; the checkpoint of the epoch before is kept")
-        mean = losses.mean(0).tolist()
+            losses[step] = train_step(model, optimizer, scaler, views, cfg.beta, cfg.loss)
+        finite = losses.isfinite().all(1)  # the epoch's one host sync; a bad epoch is not saved
+        bad = (~finite).nonzero()  # under float16 the scaler skipped these steps: the run stops if they are most
+        if len(bad) > (steps // 2 if scaler.is_enabled() else 0):
+            raise UserError(f"the loss became non-finite at epoch {epoch}, step {bad[0].item() + 1} ({len(bad)} of "
+                            f"{steps} steps): lower --beta or --lr; the checkpoint of the epoch before is kept")
+        mean = losses[finite].mean(0).tolist()
         seconds = time.time() - tic
-        entry = dict(epoch=epoch, loss=mean[0], invariance=mean[1], orthogonality=mean[2],
+        entry = dict(epoch=epoch, loss=mean[0], invariance=mean[1], orthogonality=mean[2], nonfinite_steps=len(bad),
                      views_per_s=steps * cfg.batch_size * cfg.views / seconds, time_s=seconds)
         if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:
             entry.update(evaluate(net, data))  # after the last epoch, main evaluates
@@ -370,7 +373,8 @@ def features(backbone: nn.Module, images: torch.Tensor, views: int = 1, generato
         x = batch.float().div(255).unsqueeze(0)
         if views > 1:  # augmented outside autocast: the crops' coordinates stay in float32
             x = torch.cat([x, augment(batch, views - 1, generator)])
-        with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
+        dtype = precision(x.device)  # as in training
+        with torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32):
             out.append(backbone(x.flatten(0, 1)).float().view(views, len(batch), -1).mean(0))
     return torch.cat(out)
 
@@ -391,29 +395,24 @@ def knn_accuracy(train_f, train_y, test_f, test_y, classes: int, k: int = 200, t
 def linear_probe(train_f, train_y, test_f, test_y, classes: int, epochs: int = 200, seed: int = 0) -> float:
     """Test top-1 accuracy of a linear classifier on frozen features, as in the paper: Adam (lr 1e-3, weight decay
     1e-6), cross-entropy with label smoothing 0.1, batch 512, 200 epochs, from zero weights, on features standardized
-    with the training statistics. The gradient and Adam are written out: ~12 kernel launches a step, not ~50."""
+    with the training statistics. The gradient is written out: no autograd graph, a few kernel launches a step."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x, x_test = (F.pad((f - mean) / std, (0, 1), value=1.0) for f in (train_f, test_f))  # a constant 1: the bias
     target = F.one_hot(train_y, classes) * 0.9 + 0.1 / classes  # label smoothing 0.1
     W = torch.zeros(classes, x.shape[1], device=x.device)
-    m, v = torch.zeros_like(W), torch.zeros_like(W)  # Adam's moments
+    optimizer = torch.optim.Adam([W], lr=1e-3, weight_decay=1e-6)
     generator = torch.Generator(x.device).manual_seed(seed)
-    t = 0
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=generator, device=x.device).split(512):
-            t += 1
             error = torch.softmax(x[idx] @ W.T, 1).sub_(target[idx])  # d(cross-entropy)/d(logits), times the batch
-            grad = torch.addmm(W, error.T, x[idx], beta=1e-6, alpha=1 / len(idx))  # with the weight decay, as Adam
-            m.lerp_(grad, 0.1)  # Adam: beta1 0.9, beta2 0.999, eps 1e-8, lr 1e-3, with bias corrections
-            v.mul_(0.999).addcmul_(grad, grad, value=0.001)
-            W.addcdiv_(m, (v.sqrt() / math.sqrt(1 - 0.999 ** t)).add_(1e-8), value=-1e-3 / (1 - 0.9 ** t))
+            W.grad = error.T @ x[idx] / len(idx)
+            optimizer.step()
     return ((x_test @ W.T).argmax(1) == test_y).float().mean().item()
 
 
 @torch.no_grad()
 def evaluate(net: SSLNet, data: Data, probe_views: int = 0, generator=None, seed: int = 0) -> dict:
-    """kNN accuracy and effective rank of the test embeddings from clean images; with probe_views >= 1 the linear
-    probe too, on features averaged over probe_views views."""
+    """kNN accuracy and effective rank of the test embeddings of clean images; the probe too where probe_views >= 1."""
     net.eval()  # BatchNorm with its running statistics
     train_f, test_f = features(net.backbone, data.train_images), features(net.backbone, data.test_images)
     result = dict(knn_acc=knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, len(data.classes)),
@@ -433,15 +432,16 @@ def main(cfg: Config) -> dict:
     """Pretrain, evaluate, and return the results (also written to out_dir/results.json). Rerunning resumes."""
     start = time.time()
     name = Path(cfg.data_dir).resolve().name if cfg.data_dir else "cifar10"
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes; compile + DDP + SyncBatchNorm: not measured
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's processes
     cfg = replace(cfg, beta=default_beta(cfg.proj_dim, cfg.loss) if cfg.beta is None else cfg.beta,
                   compile=cfg.device.startswith("cuda") and world == 1 if cfg.compile is None else cfg.compile,
                   out_dir=cfg.out_dir or f"runs/{name}-v{cfg.views}-d{cfg.proj_dim}-{cfg.loss}-s{cfg.seed}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():  # said first: later errors would mislead
+        raise UserError(f"--device {cfg.device}: no CUDA GPU here; use --device cpu")
     out = Path(cfg.out_dir)
     if (out / "results.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} holds a finished run (results.json); pass another --out-dir, or --overwrite")
     device = torch.device(cfg.device)
-    rank = int(os.environ.get("RANK", 0))
     if world > 1:  # torchrun: one process per GPU (or CPU processes), each with its share of every batch
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -450,10 +450,10 @@ def main(cfg: Config) -> dict:
         if cfg.batch_size % world:
             raise UserError(f"--batch-size {cfg.batch_size} must divide among the {world} processes")
     data = load_data(cfg, device, rank, world)
-    net, optimizer = build(cfg, data.ssl_images, device)
+    net, optimizer, scaler = build(cfg, data.ssl_images, device)
     generator = torch.Generator(device).manual_seed(cfg.seed + (rank << 32))  # batches, augmentations
     run = dict(config=asdict(cfg), data=data.fingerprint, device=device.type, processes=world)
-    log = resume(out / "checkpoint.pt", run, net, optimizer, generator, rank) if not cfg.overwrite else []
+    log = resume(out / "checkpoint.pt", run, net, optimizer, scaler, generator, rank) if not cfg.overwrite else []
     model = net
     if world > 1:  # every process computes the whole batch's loss (train_step); DDP averages the gradients
         if device.type == "cuda":
@@ -463,6 +463,7 @@ def main(cfg: Config) -> dict:
         torch.compiler.reset()  # a new graph for this run: earlier runs in this process must not fill the cache
         model.compile()
     info = provenance(device)  # before training: nothing that happens after it can cost a finished run
+    dtype = str(precision(device)).removeprefix("torch.")
 
     def save(entry: dict):  # the end of an epoch: a synchronous, atomic checkpoint, then the log and the line
         log.append(entry)
@@ -471,21 +472,19 @@ def main(cfg: Config) -> dict:
             dist.all_gather_object(rng, generator.get_state())
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "checkpoint.pt", dict(run, epoch=len(log), log=log, model=net.state_dict(),
-                                                     optimizer=optimizer.state_dict(), rng=rng))
+            write_atomic(out / "checkpoint.pt", dict(run, epoch=len(log), log=log, rng=rng, model=net.state_dict(),
+                                                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
             write_atomic(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
             (out / "results.json").unlink(missing_ok=True)  # under --overwrite: the replaced run's
         knn = f"  kNN {entry['knn_acc']:.2%}  effective rank {entry['erank']:.1f}" if "knn_acc" in entry else ""
-        left = (cfg.epochs - entry["epoch"]) * entry["time_s"] / 3600
         say(f"epoch {entry['epoch']:3d}/{cfg.epochs}  loss {entry['loss']:.3f} (invariance {entry['invariance']:.3f}, "
             f"orthogonality {entry['orthogonality']:.3f})  {entry['views_per_s']:,.0f} views/s  {entry['time_s']:.1f} s"
-            f"  ~{left:.1f} h left{knn}")
+            f"  ~{(cfg.epochs - entry['epoch']) * entry['time_s'] / 3600:.1f} h left{knn}")
 
-    slow = " (no GPU: a full run takes days; each epoch's line says how long is left)" * (device.type == "cpu")
-    say(f"pretraining on {len(data.ssl_images) * world} images, {cfg.views} views, d = {cfg.proj_dim}, "
-        f"beta = {cfg.beta:g}, {cfg.loss}, on {device}" + f" x {world} processes" * (world > 1) + slow)
+    say(f"pretraining on {len(data.ssl_images) * world} images, {cfg.views} views, d = {cfg.proj_dim}, beta = "
+        f"{cfg.beta:g}, {cfg.loss}, width {cfg.width}, on {device} in {dtype}" + f", {world} processes" * (world > 1))
     try:
-        pretrain(cfg, net, model, optimizer, generator, data, len(log) + 1, save)
+        pretrain(cfg, net, model, optimizer, scaler, generator, data, len(log) + 1, save)
         tic = time.time()
         probe_generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # the probe's augmented views
         final = evaluate(net, data, cfg.probe_views, probe_generator, cfg.seed)
@@ -503,7 +502,7 @@ def main(cfg: Config) -> dict:
                    eval_time_s=time.time() - tic, wall_time_s=time.time() - start,
                    data=dict(pretrain=len(data.ssl_images) * world, train=len(data.train_images),
                              test=len(data.test_images), image=list(data.train_images.shape[1:])),
-                   processes=world, **info, config=asdict(cfg), log=log)
+                   processes=world, precision=dtype, **info, config=asdict(cfg), log=log)
     if rank == 0:
         write_atomic(out / "results.json", results)
     say(f"linear probe: {final['probe_acc']:.2%} test top-1, kNN {final['knn_acc']:.2%}, effective rank "
@@ -518,7 +517,7 @@ class UserError(Exception):
     """A problem the user can fix, or a stop that says what is saved."""
 
 
-def resume(path: Path, run: dict, net: SSLNet, optimizer, generator: torch.Generator, rank: int) -> list:
+def resume(path: Path, run: dict, net: SSLNet, optimizer, scaler, generator: torch.Generator, rank: int) -> list:
     """Load the checkpoint of an unfinished run, if there is one and it is this run; return its log."""
     if not path.exists():
         return []
@@ -533,6 +532,8 @@ def resume(path: Path, run: dict, net: SSLNet, optimizer, generator: torch.Gener
         raise UserError(f"{path.parent} has trained {state['epoch']} epochs, more than --epochs")
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # float16's loss scale; none from a bf16 or float32 run (or an earlier ssl_min)
+        scaler.load_state_dict(state["scaler"])
     generator.set_state(state["rng"][rank])
     say(f"resuming {path.parent} after epoch {state['epoch']}")
     return state["log"]
@@ -587,9 +588,9 @@ def cli(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop, as Ctrl-C: say what is saved
     try:
         main(cfg)
-    except (Exception, KeyboardInterrupt) as e:  # one line, no traceback: the message says what to do
+    except (UserError, KeyboardInterrupt) as e:  # one line: what to do, or what is kept; anything else: a traceback
         interrupted = isinstance(e, KeyboardInterrupt)
-        message = str(e) or "interrupted; nothing is saved" if interrupted else f"error: {str(e) or repr(e)}"
+        message = str(e) or "interrupted; nothing is saved" if interrupted else f"error: {e}"
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every process gets here: one says it
             print(f"ssl_min: {message.splitlines()[0]}", file=sys.stderr, flush=True)
         sys.exit(130 if interrupted else 1)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torchvision.transforms.functional as TF
+import torchvision
 from PIL import Image
 
 import ssl_min
@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore", "Unknown pytest.mark.gpu", pytest.PytestUnknow
 gpu = pytest.mark.gpu
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here"))
 DEVICES = ["cpu", CUDA]
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # train_step at float32: the scaler passes the step through
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -190,13 +191,6 @@ def test_augment_grayscale_rate_follows_p_gray(p_gray):
     assert abs(gray.float().mean().item() - p_gray) < 0.04
 
 
-def test_hue_shift_matches_torchvision_adjust_hue():
-    images = colourful(5).float() / 255
-    shifts = torch.tensor([-0.5, -0.1, 0.0, 0.07, 0.33])
-    for image, h, ours in zip(images, shifts, ssl_min.hue_shift(images, shifts)):
-        assert torch.allclose(ours, TF.adjust_hue(image, h.item()), atol=1e-5)
-
-
 def ramp(n, axis):
     """Gray images that brighten along one axis (-1: left to right, -2: top to bottom)."""
     values = torch.linspace(0, 255, 32).round().to(torch.uint8)
@@ -224,18 +218,35 @@ def test_augment_crops_the_area_scale_asks_for():
 
 
 # ---- Model -----------------------------------------------------------------------------------------------------------
-def test_backbone_projector_and_pixel_statistics():
-    net = ssl_min.SSLNet(24, torch.full((3,), 0.5), torch.full((3,), 0.25))
+def test_backbone_at_width_64_is_torchvisions_resnet18_with_the_cifar_stem_and_width_scales_it():
+    reference = torchvision.models.resnet18()  # the CIFAR stem: a 3x3 convolution of stride 1, no max-pool; no fc
+    reference.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    reference.maxpool, reference.fc = nn.Identity(), nn.Identity()
+    backbone = ssl_min.ResNet18(torch.full((3,), 0.5), torch.full((3,), 0.25))
+    assert {k: v.shape for k, v in backbone.net.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()}  # the same layers, names and shapes: 11.2 M weights
+    reference.load_state_dict(backbone.net.state_dict())
     x = torch.rand(6, 3, 32, 32)
-    assert net.backbone(x).shape == (6, 512) and net(x).shape == (6, 24)
-    linear1, norm, relu, linear2 = net.projector
+    assert torch.allclose(backbone.eval()(x), reference.eval()((x - 0.5) / 0.25), atol=1e-5)
+    narrow = ssl_min.SSLNet(24, torch.full((3,), 0.5), torch.full((3,), 0.25), width=16)
+    assert narrow.backbone(x).shape == (6, 128) and narrow(x).shape == (6, 24)
+    counts = [sum(p.numel() for p in net.parameters()) for net in (reference, narrow.backbone)]
+    assert counts[0] == 11_168_832 and abs(16 * counts[1] / counts[0] - 1) < 0.01  # convolutions scale as width^2
+    linear1, norm, relu, linear2 = narrow.projector
     assert linear1.bias is None and linear2.bias is None and isinstance(norm, nn.BatchNorm1d)
-    assert (linear1.in_features, linear1.out_features, linear2.out_features) == (512, 24, 24)
-    assert net.backbone.net.conv1.stride == (1, 1) and isinstance(net.backbone.net.maxpool, nn.Identity)
+    assert (linear1.in_features, linear1.out_features, linear2.out_features) == (128, 24, 24)
+
+
+def test_build_normalizes_by_the_pretraining_images_statistics_and_seeds_the_initialization():
     images = colourful(10)
     images[:, 1] = 7  # a constant channel must not divide by zero
-    mean, std = ssl_min.pixel_stats(images)
-    assert torch.allclose(mean[1], torch.tensor(7 / 255)) and std[1] > 0 and std[0] > 0.2
+    net, _, scaler = ssl_min.build(ssl_min.Config(proj_dim=8, width=8), images, torch.device("cpu"))
+    mean, std = net.backbone.mean.flatten(), net.backbone.std.flatten()
+    assert torch.allclose(mean[1], torch.tensor(7 / 255)) and std[1] > 0 and std[0] > 0.2 and not scaler.is_enabled()
+    again, _, _ = ssl_min.build(ssl_min.Config(proj_dim=8, width=8), images, torch.device("cpu"))
+    other, _, _ = ssl_min.build(ssl_min.Config(proj_dim=8, width=8, seed=1), images, torch.device("cpu"))
+    weights = [n.backbone.net.conv1.weight for n in (net, again, other)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
 # ---- The loss, values and gradients against independent textbook implementations ----------------------------------
@@ -338,17 +349,17 @@ def test_effective_rank_is_the_exponential_entropy_of_the_spectrum(spectrum):
 # ---- Training --------------------------------------------------------------------------------------------------------
 def test_train_step_lowers_the_loss_on_a_fixed_batch_and_updates_every_weight():
     images = colourful(16)
-    net, optimizer = ssl_min.build(ssl_min.Config(proj_dim=16), images, torch.device("cpu"))
+    net, optimizer, scaler = ssl_min.build(ssl_min.Config(proj_dim=16), images, torch.device("cpu"))
     before = {k: p.clone() for k, p in net.named_parameters()}
     views = ssl_min.augment(images, 2, torch.Generator().manual_seed(0))
-    losses = [ssl_min.train_step(net, optimizer, views, 5 / 16, "barlow") for _ in range(6)]
+    losses = [ssl_min.train_step(net, optimizer, scaler, views, 5 / 16, "barlow") for _ in range(6)]
     assert losses[0].shape == (3,) and losses[0][0] == pytest.approx(losses[0][1:].sum().item())
     assert losses[-1][0] < 0.8 * losses[0][0]
     assert all(not torch.equal(before[k], p) for k, p in net.named_parameters())
     frozen = torch.optim.SGD(net.parameters(), lr=0.0)  # the same step twice: the same gradient, not the sum of two
-    ssl_min.train_step(net, frozen, views, 5 / 16, "barlow")
+    ssl_min.train_step(net, frozen, NO_SCALER, views, 5 / 16, "barlow")
     first = [p.grad.clone() for p in net.parameters()]
-    ssl_min.train_step(net, frozen, views, 5 / 16, "barlow")
+    ssl_min.train_step(net, frozen, NO_SCALER, views, 5 / 16, "barlow")
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(first, net.parameters()))
 
 
@@ -584,7 +595,7 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_checkpoint(cifa
         return (total * float("nan") if len(calls) >= 6 else total), invariance, orthogonality
 
     monkeypatch.setattr(ssl_min, "ssl_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite at epoch 2, step 2: lower --beta or --lr"):
+    with pytest.raises(ssl_min.UserError, match=r"non-finite at epoch 2, step 2 \(3 of 4 steps\): lower --beta or"):
         ssl_min.main(tiny(cifar_small, tmp_path / "out"))
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
@@ -687,14 +698,15 @@ def test_compiled_steps_match_eager_ones_and_evaluation_does_not_recompile(devic
     views = ssl_min.augment(data.ssl_images[:20], 2, torch.Generator(device).manual_seed(0))
     losses = []
     for compiled in (False, True):
-        net, optimizer = ssl_min.build(cfg, data.ssl_images, torch.device(device))
+        net, optimizer, scaler = ssl_min.build(cfg, data.ssl_images, torch.device(device))
         if compiled:
             torch.compiler.reset()
             net.compile(backend="inductor" if device == "cuda" else "aot_eager")
-        losses.append(torch.stack([ssl_min.train_step(net, optimizer, views, 0.1, "barlow") for _ in range(3)]))
+        losses.append(torch.stack([ssl_min.train_step(net, optimizer, scaler, views, 0.1, "barlow")
+                                   for _ in range(3)]))
     graphs = counters["stats"]["unique_graphs"]
     ssl_min.evaluate(net, data)
-    ssl_min.train_step(net, optimizer, views, 0.1, "barlow")
+    ssl_min.train_step(net, optimizer, scaler, views, 0.1, "barlow")
     tolerance = 2e-2 if device == "cuda" else 1e-4  # bf16 on the GPU: the fused kernels round differently
     assert torch.allclose(losses[0], losses[1], rtol=tolerance), losses
     assert counters["stats"]["unique_graphs"] == graphs
@@ -704,13 +716,13 @@ def test_compiled_steps_match_eager_ones_and_evaluation_does_not_recompile(devic
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 def test_no_host_sync_inside_the_training_step():
     images = colourful(64).cuda()
-    net, optimizer = ssl_min.build(ssl_min.Config(proj_dim=32), images, images.device)
+    net, optimizer, scaler = ssl_min.build(ssl_min.Config(proj_dim=32), images, images.device)
     generator = torch.Generator("cuda").manual_seed(0)
-    ssl_min.train_step(net, optimizer, ssl_min.augment(images, 2, generator), 0.1, "barlow")  # first step: set up
+    ssl_min.train_step(net, optimizer, scaler, ssl_min.augment(images, 2, generator), 0.1, "barlow")  # set up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ssl_min.train_step(net, optimizer, ssl_min.augment(images, 2, generator), 0.1, "barlow")
+        ssl_min.train_step(net, optimizer, scaler, ssl_min.augment(images, 2, generator), 0.1, "barlow")
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -733,10 +745,11 @@ torch.manual_seed(0)
 net = ssl_min.SSLNet(16, torch.full((3,), 0.5), torch.full((3,), 0.25))
 model = torch.nn.parallel.DistributedDataParallel(net)
 optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-6)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
 b, steps = views.shape[2] // 2, []
 for v in views:  # each step: the weights before it, its losses, and the gradients that DDP averaged
     before = {k: w.clone() for k, w in net.state_dict().items()}
-    losses = ssl_min.train_step(model, optimizer, v[:, rank * b:(rank + 1) * b], 0.3, "barlow")
+    losses = ssl_min.train_step(model, optimizer, scaler, v[:, rank * b:(rank + 1) * b], 0.3, "barlow")
     steps.append(dict(before=before, losses=losses, grads={n: p.grad.clone() for n, p in net.named_parameters()}))
 if rank == 0:
     torch.save(steps, sys.argv[2])
@@ -778,7 +791,7 @@ def test_two_processes_take_the_same_steps_as_one_process_with_the_whole_batch(t
     steps = torch.load(tmp_path / "ddp.pt")
     for v, step in zip(views, steps):
         net.load_state_dict(step["before"])
-        losses = ssl_min.train_step(TwoProcessStatistics(net, 2), gradients_only, v, 0.3, "barlow")
+        losses = ssl_min.train_step(TwoProcessStatistics(net, 2), gradients_only, NO_SCALER, v, 0.3, "barlow")
         assert torch.allclose(step["losses"], losses, rtol=1e-5), (step["losses"], losses)
         for name, p in net.named_parameters():
             assert torch.allclose(step["grads"][name], p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max()), name

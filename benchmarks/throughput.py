@@ -90,7 +90,7 @@ class MultiViewCIFAR(torch.utils.data.Dataset):
         self.views = views
         self.transform = T.Compose([
             T.RandomResizedCrop(self.images.shape[1], scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4)], p=0.8), T.RandomGrayscale(0.2),
             T.PILToTensor()])  # uint8: a quarter of float32's bytes through the workers' queue
 
     def __len__(self):
@@ -133,12 +133,12 @@ class Trainer:
     def __init__(self, images: torch.Tensor, views: int, batch: int, device: torch.device, compile=False):
         self.cfg = ssl_min.Config(views=views, batch_size=batch)
         self.beta = ssl_min.default_beta(self.cfg.proj_dim, self.cfg.loss)
-        self.net, self.optimizer = ssl_min.build(self.cfg, images, device)
+        self.net, self.optimizer, self.scaler = ssl_min.build(self.cfg, images, device)
         if compile:
             self.net.compile()
 
     def __call__(self, views: torch.Tensor, model=None) -> torch.Tensor:
-        return ssl_min.train_step(model or self.net, self.optimizer, views, self.beta, self.cfg.loss)
+        return ssl_min.train_step(model or self.net, self.optimizer, self.scaler, views, self.beta, self.cfg.loss)
 
 
 def rows_for_views(images, cpu_images, views: int, device, s: dict, workers: int) -> list:

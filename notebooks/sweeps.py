@@ -1,25 +1,30 @@
 """The pretraining runs behind notebooks 02 and 03 and the README's main result: their definitions, run-or-load, a
 time model for GPU sessions, and the statistics and plots the two notebooks share.
 
+    python notebooks/sweeps.py orthogonality laptop [--data-dir DIR] # claim 1's mechanism on a CPU, under an hour
+    python notebooks/sweeps.py halved laptop [--data-dir DIR]        # claim 2's mechanism on a CPU, under an hour
     python notebooks/sweeps.py orthogonality full [--data-dir DIR]   # claim 1: projector width d and beta
     python notebooks/sweeps.py halved full [--data-dir DIR]          # claim 2: views x fraction of the data
     python notebooks/sweeps.py main full [--data-dir DIR]            # the README's command
-    python notebooks/sweeps.py queue [--data-dir DIR] --seconds 540  # the most valuable missing runs that fit
+    python notebooks/sweeps.py queue [--data-dir DIR] --seconds 540  # the most valuable missing full runs that fit
     python notebooks/sweeps.py halved smoke [--data-dir DIR]         # tiny CPU runs that check the code
+    python notebooks/sweeps.py table                                 # the README's results table, from the results
 
 Settings. `full` is the paper's setting on all of CIFAR-10 (downloaded by torchvision, or DIR with train/<class>/ and
-test/<class>/ holding all 50,000 + 10,000 images); it needs a CUDA GPU. `smoke` runs a few CPU steps on 8 images per
-class: it only checks the code, its numbers are never results, and it saves nothing. `pilot` holds the results of an
-earlier version, read-only.
+test/<class>/ holding all 50,000 + 10,000 images); it needs a CUDA GPU. `laptop` runs on a CPU: a ResNet-18 of width
+16 (0.7 M weights), 300 seeded images per class of each split, 8 epochs at batch 128; it shows the mechanisms behind
+the claims, not the claims as stated. `smoke` runs a few CPU steps on 8 images per class: it only checks the code, its
+numbers are never results, and it saves nothing.
 
-Results. Each finished full run is saved as notebooks/results/<sweep>/full/<run>.json (ssl_min.main's dict) and is
-loaded, never rerun. An interrupted run (Ctrl-C, SIGTERM) resumes from its checkpoint in runs/sweeps/<sweep>/<run>/
-(git-ignored) when the same command runs again; that folder is deleted once the results are saved.
+Results. Each finished full or laptop run is saved as notebooks/results/<sweep>/<setting>/<run>.json (ssl_min.main's
+dict) and is loaded, never rerun. An interrupted run (Ctrl-C, SIGTERM) resumes from its checkpoint in
+runs/sweeps/<sweep>/<setting>/<run>/ (git-ignored) when the same command runs again; that folder is deleted once the
+results are saved.
 
 Notebooks 02 and 03 take their settings from environment variables. None: show the committed results (full ones if
-any exist, else the pilot) and run nothing. SSL_MIN_SETTING=full: run the missing full runs first (CUDA GPU).
-SSL_MIN_SMOKE=1: the smoke setting; execute the notebook without saving it, or its outputs replace the committed ones.
-SSL_MIN_DATA_DIR=DIR: the image folder, as --data-dir.
+any exist, else the laptop ones) and run nothing. SSL_MIN_SETTING=laptop or full: run that setting's missing runs
+first (full: a CUDA GPU). SSL_MIN_SMOKE=1: the smoke setting; execute the notebook without saving it, or its outputs
+replace the committed ones. SSL_MIN_DATA_DIR=DIR: the image folder, as --data-dir.
 """
 import argparse
 import json
@@ -55,37 +60,43 @@ RUNS = Path(__file__).resolve().parent.parent / "runs" / "sweeps"
 FIXED_BETA = 0.0004  # the usual BarlowTwins setting for every d (the paper's "fixed" baseline)
 TUNED_WIDE = 0.0008  # the authors' tuned beta at d = 8192 (beta d = 6.6): the wide reference at its best
 CIFAR10 = dict(train=50_000, test=10_000)
-SMOKE = dict(subset=8, epochs=2, device="cpu", probe_views=2, eval_every=1)  # applied to every run of a smoke sweep
-PILOT = ("pilot: runs of an earlier ssl_min (NVIDIA H200, 26 Nov 2026) on 16,000 CIFAR-10 training images (the first "
-         "1,600 files per class, not a random sample) and 5,000 test images; batch 512, one seed, 5 or 10 epochs, "
-         "probe on clean features, effective rank of the last training batch's projector outputs. Not the paper's "
-         "setting.")
+# Applied to every run of a setting, over the sweep's own options. The laptop sizes were measured to fit an hour per
+# sweep on a CPU core (notebooks/results/*/laptop/ record the times); the smoke ones only exercise the code.
+LAPTOP = dict(subset=300, width=16, epochs=8, batch_size=128, eval_every=2, probe_views=1, device="cpu")
+SMOKE = dict(subset=8, epochs=2, device="cpu", probe_views=2, eval_every=1)
+SETTINGS = ("full", "laptop", "smoke")
 
 
 # ---- The runs -------------------------------------------------------------------------------------------------------
-def arms(sweep: str, smoke: bool) -> tuple:
+def arms(sweep: str, setting: str) -> tuple:
     """A sweep's arms as ssl_min options: (the headline pair, the controls, the other arms)."""
+    if sweep == "orthogonality" and setting == "laptop":  # the collapse contrast, then the shape of Fig. 2
+        return ([dict(proj_dim=128, beta=5 / 128), dict(proj_dim=128, beta=FIXED_BETA)], [],
+                [dict(proj_dim=d, beta=beta) for d in (32, 512) for beta in (5 / d, FIXED_BETA)]
+                + [dict(proj_dim=2048, beta=FIXED_BETA)])  # a wide projector at the usual beta (beta d = 0.8)
     if sweep == "orthogonality":  # claim 1 (Fig. 2): 2 views, batch 512, probe on clean features
-        small, wide = (16, 64) if smoke else (128, 8192)
+        small, wide = (16, 64) if setting == "smoke" else (128, 8192)
         return ([dict(proj_dim=small, beta=5 / small), dict(proj_dim=wide, beta=TUNED_WIDE)],
                 [dict(proj_dim=small, beta=FIXED_BETA), dict(proj_dim=wide, beta=FIXED_BETA)],  # failure, under-tuned
                 [dict(proj_dim=d, beta=beta) for d in (64, 256, 1024) for beta in (5 / d, FIXED_BETA)])  # Fig. 2
     # claim 2 (Fig. 5): 4 views on 50% against 2 views on 100%; the control 2 views on 50%; then 4 views on 100%,
-    # 8 views on 25% and its control, 2 views on 25%
+    # 8 views on 25% and its control, 2 views on 25% (not in the laptop setting)
     data = [dict(views=v, train_fraction=f) for v, f in ((2, 1.0), (4, 0.5), (2, 0.5), (4, 1.0), (8, 0.25), (2, 0.25))]
-    return data[:2], data[2:3], data[3:]
+    return data[:2], data[2:3], data[3:] if setting != "laptop" else []
 
 
-def schedule(sweep: str, smoke: bool) -> list:
+def schedule(sweep: str, setting: str) -> list:
     """(priority, options) of every run, seed included. The queue runs lower priorities first, so the first results
     already test a claim: 1-4 seeds 0, then 1, of claim 1's headline pair and claim 2's; 5-6 the controls' seeds 0 and
-    1; 7 the pairs' third seed; 8 the other arms; 9 the main command (it tests neither claim). Smoke: 1-5 only."""
+    1; 7 the pairs' third seed; 8 the other arms; 9 the main command (it tests neither claim). Laptop: the controls
+    get a third seed; smoke: 1-5 only."""
     if sweep == "main":  # `python ssl_min.py --views 4 --proj-dim 128` with every default
         return [(9, dict(views=4, proj_dim=128, seed=0))]
-    head, controls, others = arms(sweep, smoke)
+    head, controls, others = arms(sweep, setting)
     claim = list(COMMON).index(sweep)  # 0 or 1
+    smoke = setting == "smoke"
     runs = [(1 + claim + 2 * s if s < 2 else 7, dict(a, seed=s)) for s in range(2 if smoke else 3) for a in head]
-    runs += [(5 + s, dict(a, seed=s)) for s in range(1 if smoke else 2) for a in controls]
+    runs += [(5 + s, dict(a, seed=s)) for s in range({"smoke": 1, "laptop": 3}.get(setting, 2)) for a in controls]
     return runs + [(8, dict(a, seed=0)) for a in ([] if smoke else others)]
 
 
@@ -96,11 +107,13 @@ NAMES = {"orthogonality": "d{proj_dim}_beta{rule}_s{seed}", "halved": "v{views}_
 
 
 def plan(sweep: str, setting: str) -> list:
-    """(priority, name, ssl_min.Config) of every run of a sweep in a setting ("full" or "smoke"), beta filled in."""
+    """(priority, name, ssl_min.Config) of every run of a sweep in a setting (one of SETTINGS), beta filled in."""
     runs = []
-    for priority, options in schedule(sweep, smoke=setting == "smoke"):
+    for priority, options in schedule(sweep, setting):
         cfg = ssl_min.Config(**{**COMMON[sweep], **options})
         cfg = replace(cfg, beta=ssl_min.default_beta(cfg.proj_dim, cfg.loss) if cfg.beta is None else cfg.beta)
+        if setting == "laptop":
+            cfg = replace(cfg, **LAPTOP)
         if setting == "smoke":
             cfg = replace(cfg, **SMOKE, batch_size=min(cfg.batch_size, 10))
         rule = beta_rule(cfg.proj_dim, cfg.beta).replace("/", "_over_")
@@ -138,7 +151,7 @@ def run_one(sweep: str, setting: str, name: str, cfg, data_dir: str, folder: Pat
     """Run one configuration, or recover its finished run, and save its results as folder/<name>.json. A run folder
     that cannot resume this run is said in one line, and the run is left out (None)."""
     print(f"--- {sweep}/{setting}/{name}", flush=True)
-    out = RUNS / sweep / name  # an interrupted run resumes from its checkpoint here
+    out = RUNS / sweep / setting / name  # an interrupted run resumes from its checkpoint here
     finished = None if setting == "smoke" else read_results(out / "results.json")  # its results were not copied
     if setting == "smoke":
         with tempfile.TemporaryDirectory(prefix="ssl_min_smoke_") as tmp:
@@ -152,7 +165,7 @@ def run_one(sweep: str, setting: str, name: str, cfg, data_dir: str, folder: Pat
         print(f"recovered the finished run in {out}")
     else:
         (out / "results.json").unlink(missing_ok=True)  # an unreadable one (said above): resume and evaluate again
-        existed = out.exists()
+        existed, load = out.exists(), os.getloadavg()[0]
         try:
             results = ssl_min.main(replace(cfg, data_dir=data_dir, out_dir=str(out)))
         except ssl_min.UserError as e:
@@ -160,6 +173,8 @@ def run_one(sweep: str, setting: str, name: str, cfg, data_dir: str, folder: Pat
                 raise
             print(f"sweeps: {sweep}/{name} not run: {str(e).split(';')[0]}; delete {out} to start it afresh")
             return None
+        # what else the machine ran: the 1-minute load average before and after, and the threads this run used
+        results = dict(results, machine=dict(load=[load, os.getloadavg()[0]], threads=torch.get_num_threads()))
     folder.mkdir(parents=True, exist_ok=True)
     ssl_min.write_atomic(folder / f"{name}.json", results)
     if setting != "smoke":
