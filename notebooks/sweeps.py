@@ -583,12 +583,15 @@ def cli(argv=None):
                                      allow_abbrev=False)
     parser.error = lambda message: parser.exit(2, f"sweeps: error: {message} (see --help)\n")  # one line, no usage
     parser.add_argument("sweep", choices=[*COMMON, "queue"])
-    parser.add_argument("setting", nargs="?", choices=("full", "smoke"), help="default: full")
+    parser.add_argument("setting", nargs="?", choices=SETTINGS, help="default: full")
     parser.add_argument("--data-dir", default="", help="image folder (train/<class>/, test/<class>/); default download")
     parser.add_argument("--seconds", type=seconds_type, default=540, help="queue: the time budget (default: 540)")
     args = parser.parse_args(argv)
-    if args.sweep == "queue" and args.setting == "smoke":
-        parser.error("queue runs the full setting only; for smoke runs name a sweep: sweeps.py halved smoke")
+    if args.sweep == "queue" and args.setting not in (None, "full"):
+        parser.error(f"queue runs the full setting only; for {args.setting} runs name a sweep: sweeps.py halved "
+                     f"{args.setting}")
+    if args.sweep == "main" and args.setting == "laptop":
+        parser.error("the main command has no laptop setting; the laptop sweeps are orthogonality and halved")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop, as Ctrl-C
     try:
         if args.sweep == "queue":
