@@ -272,7 +272,8 @@ def queue(data_dir: str, seconds: float):
 # ---- Statistics: the verdict on a difference between two arms --------------------------------------------------------
 # The equivalence margin, declared before any full result: 1 point of accuracy. It is about twice the seed-to-seed
 # spread expected of a CIFAR-10 linear probe (a few tenths of a point), so a few seeds can resolve it, and several times
-# smaller than the gaps the claims are about (beta = 5/d against 0.0004 at small d: 5.6 to 8.8 points in the pilot).
+# smaller than the gaps the claims are about (beta = 5/d against 0.0004 at small d: 5.6 to 8.8 points in a GPU pilot
+# of an earlier version).
 MARGIN = 0.01
 
 
@@ -349,8 +350,7 @@ def verdict(x, y, percent: bool = True, margin: float | None = MARGIN) -> str:
 
 
 # ---- For the notebooks ----------------------------------------------------------------------------------------------
-# Runs are grouped by their configuration, never by their file names: the pilot's names (d128_5_over_d, views4_data50)
-# differ from the full setting's, and a name could lie about its config.
+# Runs are grouped by their configuration, never by their file names: a name could lie about its config.
 class Arm(NamedTuple):
     """A configuration without its seed: the runs of one arm differ only in their seed."""
     proj_dim: int
@@ -377,22 +377,23 @@ def by_arm(results: dict) -> dict:
 
 
 def planned_arms(sweep: str, setting: str) -> dict:
-    """Arm -> number of seeds the plan gives it, in priority order (the pilot is measured against the full plan)."""
+    """Arm -> number of seeds the plan gives it, in priority order."""
     planned = {}
-    for _, _, cfg in sorted(plan(sweep, "smoke" if setting == "smoke" else "full"), key=lambda run: run[0]):
+    for _, _, cfg in sorted(plan(sweep, setting), key=lambda run: run[0]):
         arm = arm_of(asdict(cfg))
         planned[arm] = planned.get(arm, 0) + 1
     return planned
 
 
 def headline(sweep: str, setting: str) -> list:
-    """The two arms of the sweep's headline pair (claim 1: small, wide; claim 2: 2 views on 100%, 4 on 50%)."""
+    """The two arms of the sweep's headline pair (claim 1: small, wide, or on a laptop small at 5/d and at 0.0004;
+    claim 2: 2 views on 100%, 4 on 50%)."""
     return list(planned_arms(sweep, setting))[:2]
 
 
 def final(r: dict, key: str) -> float:
-    """A metric after the last epoch: in the results, or (the pilot's effective rank) in the last log entry."""
-    return r[key] if key in r else r["log"][-1][key]
+    """A metric after the last epoch."""
+    return r[key]
 
 
 def average(runs: list, key: str) -> float:
@@ -486,24 +487,29 @@ def seeds(n: int) -> str:
     return f"{n} seed{'s' * (n != 1)}"
 
 
+def shown(sweep: str) -> tuple:
+    """The committed results a notebook shows by default: the full setting's if it has any, else the laptop's."""
+    for setting in ("full", "laptop"):
+        results = run_sweep(sweep, setting, run_missing=False)
+        if results:
+            return setting, results
+    return "laptop", {}
+
+
 def setup(sweep: str):
     """The notebooks' one setup call; the settings are environment variables (this file's docstring). Returns (results
     by run name, the setting shown, a title for the figures that names the setting)."""
-    data_dir = os.environ.get("SSL_MIN_DATA_DIR", "")
+    data_dir, chosen = os.environ.get("SSL_MIN_DATA_DIR", ""), os.environ.get("SSL_MIN_SETTING")
     try:
         if os.environ.get("SSL_MIN_SMOKE") == "1":
             print("SMOKE RUNS: a few CPU steps on 80 images that only check the code; no number below is a finding.")
             setting, results = "smoke", run_sweep(sweep, "smoke", data_dir)
-        elif os.environ.get("SSL_MIN_SETTING") == "full":
-            if not torch.cuda.is_available():
+        elif chosen in ("full", "laptop"):
+            if chosen == "full" and not torch.cuda.is_available():
                 raise ssl_min.UserError("SSL_MIN_SETTING=full runs 100-epoch pretraining: it needs a CUDA GPU")
-            setting, results = "full", run_sweep(sweep, "full", data_dir)
+            setting, results = chosen, run_sweep(sweep, chosen, data_dir)
         else:
-            setting, results = "full", run_sweep(sweep, "full", run_missing=False)
-            if not results:
-                setting = "pilot"
-                found = {p.stem: read_results(p) for p in sorted((RESULTS / sweep / "pilot").glob("*.json"))}
-                results = {name: r for name, r in found.items() if r is not None}
+            setting, results = shown(sweep)
     except ssl_min.UserError as e:  # ssl_min's messages name its command line; here the folder is a variable
         raise ssl_min.UserError(str(e).replace("--data-dir", "SSL_MIN_DATA_DIR")) from None
     print(describe(sweep, setting, results))
@@ -516,27 +522,42 @@ def title(setting: str, results: dict) -> str:
         return "/".join(f"{v:,}" if isinstance(v, int) else str(v) for v in sorted(found)) or "none"
 
     head = "SMOKE RUN (checks the code, NOT a result)" if setting == "smoke" else f"{setting} setting"
-    train = values({r["data"]["train"] for r in results.values() if "data" in r} or {16_000})  # the pilot's
+    width = values({r["config"].get("width", 64) for r in results.values()})
     counts = {len(runs) for runs in by_arm(results).values()}
-    return (f"{head}: {values({r['epochs'] for r in results.values()})} epochs, {train} labelled training images, "
-            f"{values(counts)} seed{'s' * (counts != {1})} per arm, {values({r['device'] for r in results.values()})}")
+    return (f"{head}: ResNet-18 of width {width}, {values({r['epochs'] for r in results.values()})} epochs, "
+            f"{values({r['data']['train'] for r in results.values()})} labelled training images, {values(counts)} "
+            f"seed{'s' * (counts != {1})} per arm, {values({r['device'] for r in results.values()})}")
+
+
+SCOPE = dict(  # what the laptop setting can show, and what it cannot (describe's last lines compute why not)
+    orthogonality="It can show the mechanism behind claim 1: whether a 128-d projector at the usual beta = 0.0004 "
+                  "collapses (a low effective rank, a lower accuracy) where beta = 5/d does not, with 3 seeds each, "
+                  "and the shape of Fig. 2 at this scale. It cannot test claim 1 as stated (d = 128 at 5/d matching "
+                  "d = 8192 after 100 epochs on all of CIFAR-10): it has no 8192-d projector.",
+    halved="It can show the mechanism behind claim 2: whether 4 views per image learn more per epoch than 2 views "
+           "from the same images (both on 50%), and how 4 views on 50% compare with 2 views on 100% early in "
+           "training, with 3 seeds each. It cannot test claim 2 as stated (a match after 100 epochs on all of "
+           "CIFAR-10).")
 
 
 def describe(sweep: str, setting: str, results: dict) -> str:
     """What produced the results, read from the results themselves; which planned runs they lack; and how their
     setting departs from the full plan's: why they cannot test the claim."""
     lines = [f"{sweep} sweep, {setting} setting: {len(results)} runs with results"]
-    lines += {"smoke": ["SMOKE: every number and plot below only checks that the code runs"], "pilot": [PILOT]}.get(
-        setting, [])
-    missing = [cfg for _, name, cfg in plan(sweep, "full") if name not in results] if setting == "full" else []
-    if missing:
+    lines += {"smoke": ["SMOKE: every number and plot below only checks that the code runs"]}.get(setting, [])
+    if setting == "laptop" and sweep in SCOPE:
+        lines.append(SCOPE[sweep])
+    missing = [cfg for _, name, cfg in plan(sweep, setting) if name not in results] if setting != "smoke" else []
+    if missing and setting == "full":
         model = calibrate("NVIDIA H200")
         lines.append(f"{len(missing)} planned runs missing, about {sum(estimate(c, model) for c in missing) / 60:.0f} "
                      f"min on one H200 ({model.note}): python notebooks/sweeps.py {sweep} full, or queue")
+    elif missing:
+        lines.append(f"{len(missing)} planned runs missing: python notebooks/sweeps.py {sweep} {setting}")
     counts, planned = {arm: len(runs) for arm, runs in by_arm(results).items()}, planned_arms(sweep, setting)
     short = [f"{arm_text(arm)}: {counts.get(arm, 0)} of {n}" for arm, n in planned.items() if counts.get(arm, 0) < n]
     if short:
-        lines.append(f"arms of the {'smoke' if setting == 'smoke' else 'full'} plan short of seeds: {'; '.join(short)}")
+        lines.append(f"arms of the {setting} plan short of seeds: {'; '.join(short)}")
     extra = [arm_text(arm) for arm in counts if arm not in planned]
     if extra:
         lines.append("arms not in the plan: " + "; ".join(extra))
@@ -544,24 +565,69 @@ def describe(sweep: str, setting: str, results: dict) -> str:
     def values(key, runs=results.values()):
         return "/".join(sorted({str(key(r)) for r in runs}, key=lambda v: (len(v), v))) or "-"
 
+    def images(split):  # as 3,000 or 1,500/3,000
+        return values(lambda r: f"{r['data'][split]:,}")
+
     lines.append(f"device {values(lambda r: r['device'])}; torch {values(lambda r: r['versions']['torch'])}; commit "
                  f"{values(lambda r: (r.get('commit') or 'not recorded')[:12])}; pretraining images "
-                 f"{values(lambda r: r.get('data', {}).get('pretrain', 'not recorded'))}")
-    keys = dict(epochs="epochs", batch_size="batch", probe_views="probe views", eval_every="kNN every", seed="seeds")
+                 f"{images('pretrain')}; labelled {images('train')} + {images('test')} test")
+    keys = dict(width="backbone width", epochs="epochs", batch_size="batch", probe_views="probe views",
+                eval_every="kNN every", seed="seeds")
     full = [dict(config=asdict(cfg)) for _, _, cfg in plan(sweep, "full")]
-    shown, want = ({what: values(lambda r: r["config"][key], runs) for key, what in keys.items()}
-                   for runs in (results.values(), full))
-    settings = "; ".join(f"{what} {v}" for what, v in shown.items())
+    shown_, want = ({what: values(lambda r: r["config"].get(key, 64), runs) for key, what in keys.items()}
+                    for runs in (results.values(), full))
+    settings = "; ".join(f"{what} {v}" for what, v in shown_.items())
     lines.append(settings.replace("kNN every 0;", "kNN after the last epoch only;"))
-    departs = [f"{what} {v}, not {want[what]}" for what, v in shown.items() if what != "seeds" and v != want[what]]
+    departs = [f"{what} {v}, not {want[what]}" for what, v in shown_.items() if what != "seeds" and v != want[what]]
+    departs += [f"{images('train')} labelled training images, not {CIFAR10['train']:,}"] * (
+        images("train") != f"{CIFAR10['train']:,}")
     if setting == "smoke":
         departs = ["smoke runs only check the code"]
-    departs += ["the pilot's 16,000-image subset, not all of CIFAR-10"] * (setting == "pilot")
     departs += [f"{len(short)} planned arms short of seeds"] * bool(short)
     departs += ["runs from several devices: their times are not comparable"] * ("/" in values(lambda r: r["device"]))
-    lines.append("These results cannot test the claim: " + "; ".join(departs) if departs else
+    lines.append("These results cannot test the claim as stated: " + "; ".join(departs) if departs else
                  "These results are in the full plan's setting, with every planned seed.")
     return "\n".join(lines)
+
+
+def difference(a: list, b: list, key: str = "probe_acc") -> str:
+    """Two arms' runs in a few words: the means, the difference with its 90% interval, and the verdict."""
+    if not a or not b:
+        return "not measured yet"
+    x, y = ([final(r, key) for r in runs] for runs in (a, b))
+    d, scale = decide(x, y, MARGIN if is_percent(key) else None), (100 if is_percent(key) else 1)
+    unit, points = ("%", " points") if is_percent(key) else ("", "")
+    n = sorted({len(x), len(y)})
+    text = (f"{scale * np.mean(x):.1f}{unit} vs {scale * np.mean(y):.1f}{unit} ({seeds(n[0])}"
+            f"{'' if len(n) == 1 else ' and ' + str(n[1])} each), {scale * d.difference:+.1f}{points}")
+    if d.ci90 is None:
+        return text + ", no interval"
+    word = d.word if is_percent(key) else d.word.replace("better", "higher").replace("worse", "lower")
+    return text + f", 90% interval [{scale * d.ci90[0]:+.1f}, {scale * d.ci90[1]:+.1f}]: {word}"
+
+
+def table() -> str:
+    """The README's results table, computed from the committed results (`python notebooks/sweeps.py table`)."""
+    full, laptop = ({sweep: by_arm(run_sweep(sweep, setting, run_missing=False)) for sweep in COMMON}
+                    for setting in ("full", "laptop"))
+    main_runs = next(iter(full["main"].values()), [])
+    probe = (f"{average(main_runs, 'probe_acc'):.2%}, {average(main_runs, 'knn_acc'):.2%}" if main_runs else
+             "not measured yet")
+    small, wide = headline("orthogonality", "full")
+    two, four = headline("halved", "full")
+    rows = [("`python ssl_min.py --views 4 --proj-dim 128`: linear probe, kNN", probe),
+            ("claim 1: d = 128 at beta = 5/d minus d = 8192 at 0.0008, linear probe",
+             difference(full["orthogonality"].get(small, []), full["orthogonality"].get(wide, []))),
+            ("claim 2: 4 views on 50% of the data minus 2 views on 100%, linear probe",
+             difference(full["halved"].get(four, []), full["halved"].get(two, [])))]
+    strong, weak = headline("orthogonality", "laptop")
+    rows += [(f"laptop, collapse: d = 128 at beta = 5/d minus 0.0004, {name}",
+              difference(laptop["orthogonality"].get(strong, []), laptop["orthogonality"].get(weak, []), key))
+             for key, name in (("probe_acc", "linear probe"), ("erank", "effective rank"))]
+    rows += [(f"laptop, views: 4 views on 50% minus {other}, linear probe",
+              difference(laptop["halved"].get(four, []), laptop["halved"].get(arm, [])))
+             for other, arm in (("2 views on 100%", two), ("2 views on 50% (the same images)", four._replace(views=2)))]
+    return "\n".join(["| what | result |", "| --- | --- |", *(f"| {what} | {result} |" for what, result in rows)])
 
 
 def arm_text(arm: Arm) -> str:
@@ -582,7 +648,7 @@ def cli(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.error = lambda message: parser.exit(2, f"sweeps: error: {message} (see --help)\n")  # one line, no usage
-    parser.add_argument("sweep", choices=[*COMMON, "queue"])
+    parser.add_argument("sweep", choices=[*COMMON, "queue", "table"])
     parser.add_argument("setting", nargs="?", choices=SETTINGS, help="default: full")
     parser.add_argument("--data-dir", default="", help="image folder (train/<class>/, test/<class>/); default download")
     parser.add_argument("--seconds", type=seconds_type, default=540, help="queue: the time budget (default: 540)")
@@ -596,6 +662,8 @@ def cli(argv=None):
     try:
         if args.sweep == "queue":
             queue(args.data_dir, args.seconds)
+        elif args.sweep == "table":
+            print(table())
         else:
             run_sweep(args.sweep, args.setting or "full", args.data_dir)
     except ssl_min.UserError as e:

@@ -98,8 +98,8 @@ def test_inconclusive_says_how_many_seeds_would_settle_it():
 
 
 # ---- The plan and the time model -------------------------------------------------------------------------------------
-def seeds_per_arm(sweep):
-    return {(a.proj_dim, a.beta, a.views, a.fraction): n for a, n in sweeps.planned_arms(sweep, "full").items()}
+def seeds_per_arm(sweep, setting="full"):
+    return {(a.proj_dim, a.beta, a.views, a.fraction): n for a, n in sweeps.planned_arms(sweep, setting).items()}
 
 
 def test_plan_seeds_arms_and_order():
@@ -122,6 +122,42 @@ def test_plan_seeds_arms_and_order():
         runs = sweeps.plan(sweep, "smoke")
         assert len(runs) <= 6 and all(c.device == "cpu" and c.batch_size <= 10 for _, _, c in runs)
         assert max(sweeps.planned_arms(sweep, "smoke").values()) == 2  # the verdict's interval is exercised
+
+
+def test_laptop_plan_sizes_and_arms():
+    """A CPU's hour per sweep: the narrow network, 300 images per class, 8 epochs; 3 seeds where a verdict is read."""
+    for sweep in ("orthogonality", "halved"):
+        runs = sweeps.plan(sweep, "laptop")
+        assert len({name for _, name, _ in runs}) == len(runs) <= 11
+        assert {(c.device, c.width, c.subset, c.epochs, c.batch_size, c.probe_views, c.eval_every, c.views > 1)
+                for _, _, c in runs} == {("cpu", 16, 300, 8, 128, 1, 2, True)}
+    orth, halved = seeds_per_arm("orthogonality", "laptop"), seeds_per_arm("halved", "laptop")
+    assert orth == {(128, "5/d", 2, 1.0): 3, (128, "0.0004", 2, 1.0): 3, (32, "5/d", 2, 1.0): 1,
+                    (32, "0.0004", 2, 1.0): 1, (512, "5/d", 2, 1.0): 1, (512, "0.0004", 2, 1.0): 1,
+                    (2048, "0.0004", 2, 1.0): 1}
+    assert halved == {(256, "5/d", 2, 1.0): 3, (256, "5/d", 4, 0.5): 3, (256, "5/d", 2, 0.5): 3}
+    assert sweeps.headline("orthogonality", "laptop") == [sweeps.Arm(128, "5/d", 2, 1.0),
+                                                         sweeps.Arm(128, "0.0004", 2, 1.0)]
+
+
+COMMITTED = sorted(p for setting in ("full", "laptop") for p in (REPO / "notebooks" / "results").glob(f"*/{setting}/*"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[str(p.relative_to(REPO / "notebooks" / "results")) for p in COMMITTED])
+def test_a_committed_result_is_a_run_of_the_plan(path):
+    """A change of the plan (or of ssl_min's defaults) that leaves a committed result behind fails here: rerun it."""
+    sweep, setting = path.parent.parent.name, path.parent.name
+    planned = {name: cfg for _, name, cfg in sweeps.plan(sweep, setting)}
+    results = sweeps.read_results(path)
+    assert path.suffix == ".json" and results is not None and path.stem in planned, "not a run of the plan"
+    free = ("data_dir", "device", "compile", "overwrite", "out_dir")  # what does not change the run
+    config = {k: v for k, v in asdict(planned[path.stem]).items() if k not in free}
+    assert {k: results["config"].get(k) for k in config} == config
+    assert results["epochs"] == len(results["log"]) == config["epochs"] and results["commit"]
+
+
+def test_the_readme_results_table_is_computed_from_the_committed_results():
+    assert sweeps.table() in (REPO / "README.md").read_text(), "update it: python notebooks/sweeps.py table"
 
 
 def test_time_model_uncalibrated():
@@ -210,12 +246,12 @@ def test_results_are_saved_before_the_run_folder_is_deleted(fake_main, monkeypat
     monkeypatch.setattr(sweeps.shutil, "rmtree", lambda path: deleted.append(
         (sweeps.RESULTS / "orthogonality" / "full" / f"{name}.json").exists()) or real(path))
     sweeps.run_one("orthogonality", "full", name, cfg, "", sweeps.RESULTS / "orthogonality" / "full")
-    assert deleted == [True] and not (sweeps.RUNS / "orthogonality" / name).exists()
+    assert deleted == [True] and not (sweeps.RUNS / "orthogonality" / "full" / name).exists()
 
 
 def test_a_finished_run_folder_is_recovered_not_rerun_unless_it_is_of_another_config(fake_main, capsys):
     name, cfg = first_run()
-    out = sweeps.RUNS / "orthogonality" / name
+    out = sweeps.RUNS / "orthogonality" / "full" / name
     out.mkdir(parents=True)
     (out / "results.json").write_text(json.dumps(fake_results(replace(cfg, seed=7))))
     assert sweeps.run_one("orthogonality", "full", name, cfg, "", sweeps.RESULTS) is None
@@ -240,7 +276,7 @@ def test_an_unreadable_result_is_one_line_and_rerun(fake_main, capsys, content):
 
 def test_a_stale_run_folder_is_one_line_and_the_queue_goes_on(fake_main, monkeypatch, capsys):
     name, cfg = first_run()
-    stale = sweeps.RUNS / "orthogonality" / name
+    stale = sweeps.RUNS / "orthogonality" / "full" / name
     stale.mkdir(parents=True)
     fake = ssl_min.main
 
@@ -315,18 +351,25 @@ def test_arms_keep_the_two_wide_betas_apart():
     assert sweeps.arm_of(dict(proj_dim=128, beta=5 / 128, views=2, train_fraction=1.0)).beta == "5/d"
 
 
-def test_setup_reports_a_corrupt_pilot_file_in_one_line(folders, monkeypatch, capsys):
+def test_notebooks_show_the_full_results_else_the_laptop_ones_and_a_corrupt_file_in_one_line(folders, monkeypatch,
+                                                                                               capsys):
     for variable in ("SSL_MIN_SMOKE", "SSL_MIN_SETTING"):
         monkeypatch.delenv(variable, raising=False)
-    pilot = folders / "results" / "halved" / "pilot"
-    pilot.mkdir(parents=True)
-    name, cfg = first_run("halved")
-    (pilot / "good.json").write_text(json.dumps(fake_results(cfg)))
-    (pilot / "bad.json").write_text("")
+    (_, laptop_name, laptop), (_, full_name, full) = (min(sweeps.plan("halved", s), key=lambda run: run[0])
+                                                      for s in ("laptop", "full"))
+    folder = folders / "results" / "halved"
+    (folder / "laptop").mkdir(parents=True)
+    (folder / "laptop" / f"{laptop_name}.json").write_text(json.dumps(fake_results(laptop)))
+    (folder / "laptop" / "v2_data50_s0.json").write_text("")  # a planned run's file, unreadable
     results, setting, title = sweeps.setup("halved")
     out = capsys.readouterr().out
-    assert list(results) == ["good"] and setting == "pilot" and "pilot setting" in title
-    assert sum("bad.json" in line for line in out.splitlines()) == 1 and "cannot test the claim" in out
+    assert list(results) == [laptop_name] and setting == "laptop" and "laptop setting" in title and "width 16" in title
+    assert sum("v2_data50_s0.json" in line for line in out.splitlines()) == 1 and "cannot test the claim" in out
+    assert "It can show the mechanism behind claim 2" in out and "backbone width 16, not 64" in out
+    (folder / "full").mkdir()
+    (folder / "full" / f"{full_name}.json").write_text(json.dumps(fake_results(full)))
+    results, setting, title = sweeps.setup("halved")
+    assert list(results) == [full_name] and setting == "full" and "width 64" in title
 
 
 def test_notebook_messages_name_the_environment_variable(folders, monkeypatch):
@@ -344,7 +387,7 @@ def test_one_real_tiny_run(random_images, tmp_path):
     results = sweeps.run_one("main", "smoke", "tiny", cfg, str(random_images), tmp_path / "results")
     assert sweeps.read_results(tmp_path / "results" / "tiny.json") == json.loads(json.dumps(results))
     text = sweeps.describe("main", "smoke", {"tiny": results}) + sweeps.title("smoke", {"tiny": results})
-    assert "SMOKE" in text and "80 labelled training images" in text and "cannot test the claim: smoke" in text
+    assert "SMOKE" in text and "80 labelled training images" in text and "cannot test the claim as stated: smoke" in text
     assert sweeps.series(results, "knn_acc", "views")[1][-1] == pytest.approx(80 * 2 / 1e6)
 
 
