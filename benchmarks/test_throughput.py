@@ -51,3 +51,15 @@ def test_benchmark_smoke_on_cuda_has_the_compiled_row(tmp_path):
     compiled = [r for r in result["rows"] if r["pipeline"] == "ssl_min, compiled"]
     assert len(compiled) == 1 and compiled[0]["first_call_s"] > 0 and compiled[0]["vs_eager"] > 0
     assert result["profile"]["compile"] and all(r["peak_mem_gib"] > 0 for r in result["rows"])
+
+
+def test_memory_estimate_runs_and_grows_with_the_batch():
+    script = BENCHMARK.with_name("memory.py")
+    totals = []
+    for batch in (64, 128):
+        done = subprocess.run([sys.executable, str(script), "--batch-size", str(batch), "--views", "2", "--width", "16",
+                               "--probe-views", "2", "--images", "100"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = next(line for line in done.stdout.splitlines() if "activations" in line)
+        totals.append(float(line.split()[-2]))
+    assert 0 < totals[0] < totals[1]
