@@ -667,15 +667,14 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_checkpoint(cifa
     assert ckpt["epoch"] == 1 and all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
-def overflow_every_fourth_step_from(start, monkeypatch):
-    """ssl_min's loss made infinite at steps start, start + 4, ... (counted from 1 over the test)."""
+def overflow_at(steps, monkeypatch):
+    """ssl_min's loss made infinite at these steps (1 to 4) of every 4 steps, counted from this process's first."""
     calls, real = [], ssl_min.ssl_loss
 
     def overflowing(z, beta, loss="barlow"):
         calls.append(1)
         total, invariance, orthogonality = real(z, beta, loss)
-        return (total * float("inf") if len(calls) >= start and (len(calls) - start) % 4 == 0 else total), \
-            invariance, orthogonality
+        return (total * float("inf") if (len(calls) - 1) % 4 + 1 in steps else total), invariance, orthogonality
 
     monkeypatch.setattr(ssl_min, "ssl_loss", overflowing)
 
@@ -683,7 +682,7 @@ def overflow_every_fourth_step_from(start, monkeypatch):
 def test_float16_skips_an_overflowing_step_keeps_its_scale_in_the_checkpoint_and_resumes_exactly(cifar_small,
                                                                                                  tmp_path, monkeypatch):
     float16_on_the_cpu(monkeypatch)
-    overflow_every_fourth_step_from(3, monkeypatch)  # step 3 of each epoch of 4 steps
+    overflow_at({3}, monkeypatch)  # step 3 of each epoch of 4 steps
     whole = ssl_min.main(tiny(cifar_small, tmp_path / "whole", width=8))
     assert whole["precision"] == "float16" and [e["nonfinite_steps"] for e in whole["log"]] == [1, 1]
     assert all(math.isfinite(e["loss"]) for e in whole["log"]) and math.isfinite(whole["probe_acc"])
@@ -691,22 +690,20 @@ def test_float16_skips_an_overflowing_step_keeps_its_scale_in_the_checkpoint_and
     assert saved["scaler"]["scale"] <= 2 ** 15  # lowered by the skipped steps, and kept for a resume
     monkeypatch.undo()  # the same run stopped in its second epoch, then resumed
     float16_on_the_cpu(monkeypatch)
-    overflow_every_fourth_step_from(3, monkeypatch)
+    overflow_at({3}, monkeypatch)
     interrupt_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         ssl_min.main(tiny(cifar_small, tmp_path / "stopped", width=8))
     monkeypatch.undo()
     float16_on_the_cpu(monkeypatch)
-    overflow_every_fourth_step_from(3, monkeypatch)  # the resumed process's step 3 is the run's epoch 2, step 3
+    overflow_at({3}, monkeypatch)  # the resumed process's step 3 is the run's epoch 2, step 3
     resumed = ssl_min.main(tiny(cifar_small, tmp_path / "stopped", width=8))
     ckpt = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
     assert comparable(resumed["log"]) == comparable(whole["log"]) and ckpt["scaler"] == saved["scaler"]
     assert all(torch.equal(ckpt["model"][k], saved["model"][k]) for k in saved["model"])
     monkeypatch.undo()
     float16_on_the_cpu(monkeypatch)
-    overflow_every_fourth_step_from(3, monkeypatch)  # and 3 of every 4 steps: diverged, not the scaler's business
-    overflow_every_fourth_step_from(2, monkeypatch)
-    overflow_every_fourth_step_from(1, monkeypatch)
+    overflow_at({1, 2, 3}, monkeypatch)  # 3 of every 4 steps: diverged, not the scaler's business
     with pytest.raises(ssl_min.UserError, match=r"non-finite at epoch 1, step 1 \(3 of 4 steps\): lower --beta"):
         ssl_min.main(tiny(cifar_small, tmp_path / "diverged", width=8))
 

@@ -39,14 +39,17 @@ def saved_bytes_per_view(net: ssl_min.SSLNet, views: int = 2, batch: int = 16) -
 
 def largest_activation_bytes(backbone: torch.nn.Module, images: int) -> int:
     """The largest output of any layer in one forward pass of `images` images under float16 autocast."""
-    largest = [0]
-    hooks = [m.register_forward_hook(lambda m, i, o: largest.__setitem__(0, max(largest[0], o.nbytes)))
-             for m in backbone.modules() if not list(m.children())]
+    sizes = []
+
+    def record(module, inputs, output):
+        sizes.append(output.nbytes)
+
+    hooks = [m.register_forward_hook(record) for m in backbone.modules() if not list(m.children())]
     with torch.no_grad(), torch.autocast("cpu", torch.float16):
         backbone(torch.rand(8, 3, 32, 32))
     for h in hooks:
         h.remove()
-    return largest[0] * images // 8
+    return max(sizes) * images // 8
 
 
 def main():

@@ -332,6 +332,11 @@ def decide(x, y, margin: float | None = MARGIN) -> Decision:
     return Decision(word, difference, *((difference - h, difference + h) for h in half), seeds)
 
 
+def word_of(d: Decision, percent: bool) -> str:
+    """The verdict's word: for a measure that is not an accuracy, higher or lower rather than better or worse."""
+    return d.word if percent else d.word.replace("better", "higher").replace("worse", "lower")
+
+
 def verdict(x, y, percent: bool = True, margin: float | None = MARGIN) -> str:
     """The difference of two arms' seeds, its intervals, and the verdict, in words."""
     d, scale, unit = decide(x, y, margin), (100 if percent else 1), (" points" if percent else "")
@@ -340,7 +345,7 @@ def verdict(x, y, percent: bool = True, margin: float | None = MARGIN) -> str:
         return text + ", no interval: an arm has fewer than 2 seeds"
     text += ", ".join(["", *(f"{level} interval [{scale * lo:+.2f}, {scale * hi:+.2f}]"
                              for level, (lo, hi) in (("90%", d.ci90), ("95%", d.ci95)))])
-    word = d.word if percent else d.word.replace("better", "higher").replace("worse", "lower")
+    word = word_of(d, percent)
     if margin is not None:
         word = word.replace("the margin", f"the margin (±{scale * margin:.2f}{unit})")
     if d.word == "inconclusive":
@@ -597,13 +602,12 @@ def difference(a: list, b: list, key: str = "probe_acc") -> str:
     x, y = ([final(r, key) for r in runs] for runs in (a, b))
     d, scale = decide(x, y, MARGIN if is_percent(key) else None), (100 if is_percent(key) else 1)
     unit, points = ("%", " points") if is_percent(key) else ("", "")
-    n = sorted({len(x), len(y)})
-    text = (f"{scale * np.mean(x):.1f}{unit} vs {scale * np.mean(y):.1f}{unit} ({seeds(n[0])}"
-            f"{'' if len(n) == 1 else ' and ' + str(n[1])} each), {scale * d.difference:+.1f}{points}")
+    count = f"{seeds(len(x))} each" if len(x) == len(y) else f"{len(x)} and {len(y)} seeds"
+    text = (f"{scale * np.mean(x):.1f}{unit} vs {scale * np.mean(y):.1f}{unit} ({count}), "
+            f"{scale * d.difference:+.1f}{points}")
     if d.ci90 is None:
         return text + ", no interval"
-    word = d.word if is_percent(key) else d.word.replace("better", "higher").replace("worse", "lower")
-    return text + f", 90% interval [{scale * d.ci90[0]:+.1f}, {scale * d.ci90[1]:+.1f}]: {word}"
+    return text + f", 90% interval [{scale * d.ci90[0]:+.1f}, {scale * d.ci90[1]:+.1f}]: {word_of(d, is_percent(key))}"
 
 
 def table() -> str:
@@ -628,6 +632,14 @@ def table() -> str:
               difference(laptop["halved"].get(four, []), laptop["halved"].get(arm, [])))
              for other, arm in (("2 views on 100%", two), ("2 views on 50% (the same images)", four._replace(views=2)))]
     return "\n".join(["| what | result |", "| --- | --- |", *(f"| {what} | {result} |" for what, result in rows)])
+
+
+def run_minutes(results: dict) -> str:
+    """How long one run of these results took, for the notebooks' exercises."""
+    minutes = [r["wall_time_s"] / 60 for r in results.values()]
+    devices = "/".join(sorted({r["device"] for r in results.values()}))
+    return (f"One run of these results took {np.median(minutes):.1f} min (median; {min(minutes):.1f} to "
+            f"{max(minutes):.1f}) on {devices}." if minutes else "No runs in these results.")
 
 
 def arm_text(arm: Arm) -> str:
